@@ -1,0 +1,479 @@
+"""Images, views, superpixels and datasets for R2O.
+
+One training sample (see `R2ODataset.__getitem__`) is everything a step needs for one image:
+
+    view1, view2   two augmented crops, 3 x S x S, normalised (BYOL augmentation)
+    raw            the whole image resized to S x S (aspect not kept), normalised, no colour jitter
+    superpixels    SLIC of the whole image as an M x M integer map (M = S // 4, 56 at S = 224),
+                   ids 0..n-1, each cell holding the superpixel that covers most of it
+    boxes          2 x 4, the two crop boxes (x0, y0, x1, y1) normalised to the whole image
+    flips          2, whether each view was flipped horizontally
+
+Augmentation is drawn from a generator seeded by (seed, epoch, index), so a sample is the same
+whichever worker, process or resumed run loads it. Superpixels never change between epochs and
+are computed once per image, then read back from `SuperpixelCache`.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from skimage.segmentation import slic
+from torch.utils.data import Dataset, Sampler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
+                    '.pgm', '.jfif'}
+BICUBIC = TF.InterpolationMode.BICUBIC
+
+
+class DataError(Exception):
+    """Bad input data: the message is meant for the user, one line."""
+
+
+# ================================ reading images ================================
+
+def find_images(root):
+    """Every image file under `root` (or `root/train` when it exists), sorted, recursively."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f'--data {root}: no such folder')
+    if (root / 'train').is_dir():
+        root = root / 'train'
+    files = sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f'--data {root}: no image files found '
+                        f'(looked recursively for {", ".join(sorted(IMAGE_EXTENSIONS))})')
+    return files
+
+
+def to_rgb(img):
+    """Any Pillow image as 8-bit RGB: grayscale, palette, alpha (on white), CMYK, 16-bit, float."""
+    if img.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = a.min(), a.max()
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(a.round().astype(np.uint8), 'L')
+    if img.mode == 'P':
+        img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert('RGB')
+
+
+def load_image(path):
+    """Decode one file fully (truncated files raise here, not later) and return RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+# ================================ generated scenes ================================
+
+SHAPES = ('ellipse', 'rectangle', 'triangle', 'pentagon', 'star')
+
+
+def _smooth_noise(rng, size, cells):
+    """Low-frequency noise in [0, 1]: a random cells x cells grid, bicubically upsampled."""
+    grid = rng.random((1, 1, cells, cells), dtype=np.float32)
+    up = torch.nn.functional.interpolate(torch.from_numpy(grid), size=(size, size),
+                                         mode='bicubic', align_corners=False)
+    return up[0, 0].clamp(0, 1).numpy()
+
+
+def _texture(rng, size, yy, xx):
+    """A random colour texture, H x W x 3 in [0, 1]: solid, stripes, checks, dots or noise."""
+    c1 = rng.random(3, dtype=np.float32)
+    c2 = np.clip(c1 + rng.uniform(-0.5, 0.5, 3).astype(np.float32), 0, 1)
+    kind = rng.integers(5)
+    freq = rng.uniform(6, 16)
+    angle = rng.uniform(0, math.pi)
+    u = xx * math.cos(angle) + yy * math.sin(angle)
+    v = -xx * math.sin(angle) + yy * math.cos(angle)
+    if kind == 0:
+        t = np.zeros_like(xx)
+    elif kind == 1:
+        t = (np.sin(u * freq * 2 * math.pi) > 0).astype(np.float32)
+    elif kind == 2:
+        t = ((np.floor(u * freq) + np.floor(v * freq)) % 2).astype(np.float32)
+    elif kind == 3:
+        t = ((np.sin(u * freq * 2 * math.pi) * np.sin(v * freq * 2 * math.pi)) > 0.5).astype(np.float32)
+    else:
+        t = _smooth_noise(rng, size, int(rng.integers(4, 12)))
+    img = c1 * (1 - t[..., None]) + c2 * t[..., None]
+    return img + rng.normal(0, 0.03, img.shape).astype(np.float32)
+
+
+def _shape_mask(shape, xx, yy, cx, cy, radius, angle, aspect):
+    u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
+    v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
+    if shape == 'ellipse':
+        return (u / radius) ** 2 + (v / (radius * aspect)) ** 2 <= 1
+    if shape == 'rectangle':
+        return (np.abs(u) <= radius) & (np.abs(v) <= radius * aspect)
+    r = np.hypot(u, v)
+    theta = np.arctan2(v, u)
+    if shape == 'star':
+        return r <= radius * (0.6 + 0.4 * np.cos(5 * theta))
+    sides = 3 if shape == 'triangle' else 5
+    sector = 2 * math.pi / sides
+    edge = radius * math.cos(math.pi / sides) / np.cos(np.mod(theta, sector) - sector / 2)
+    return r <= edge
+
+
+def synthetic_scene(index, size=128, seed=0, objects=(1, 4), radius=(0.12, 0.3)):
+    """A deterministic generated scene: textured background plus `objects` textured shapes.
+
+    Returns (image uint8 H x W x 3, instances int64 H x W with 0 = background, 1.. = objects,
+    later objects painted over earlier ones). The same (index, seed) always gives the same scene.
+    """
+    rng = np.random.default_rng([seed, index])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = _texture(rng, size, yy, xx) * 0.7 + _smooth_noise(rng, size, 3)[..., None] * 0.3
+    instances = np.zeros((size, size), np.int64)
+    for k in range(int(rng.integers(objects[0], objects[1] + 1))):
+        r = rng.uniform(*radius)
+        cx, cy = rng.uniform(r * 0.6, 1 - r * 0.6, 2)
+        inside = _shape_mask(SHAPES[rng.integers(len(SHAPES))], xx, yy, cx, cy, r,
+                             rng.uniform(0, math.pi), rng.uniform(0.6, 1.0))
+        img[inside] = _texture(rng, size, yy, xx)[inside]
+        instances[inside] = k + 1
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), instances
+
+
+def synthetic_objects(n, size=128, seed=1):
+    """The built-in evaluation set: `n` single-object scenes with ground-truth masks.
+
+    A different seed stream from the training scenes. Returns (images n x H x W x 3 uint8,
+    masks n x H x W bool).
+    """
+    pairs = [synthetic_scene(10_000_000 + i, size, seed, objects=(1, 1), radius=(0.22, 0.36))
+             for i in range(n)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] > 0 for p in pairs])
+
+
+# ================================ superpixels ================================
+
+def downsample_labels(labels, size):
+    """Bring an integer label map to size x size: each cell takes the label covering most of it.
+
+    Labels are then renumbered 0..n-1 (labels covering no cell disappear). Returns int64.
+    """
+    h, w = labels.shape
+    _, labels = np.unique(labels, return_inverse=True)
+    labels = labels.reshape(h, w)
+    n = int(labels.max()) + 1
+    cell = (np.arange(h) * size // h)[:, None] * size + (np.arange(w) * size // w)[None, :]
+    counts = np.bincount((cell * n + labels).ravel(), minlength=size * size * n)
+    out = counts.reshape(size * size, n).argmax(1)
+    _, out = np.unique(out, return_inverse=True)
+    return out.reshape(size, size).astype(np.int64)
+
+
+def compute_superpixels(image, n_segments, out_size, compactness=10.0, sigma=0.0):
+    """SLIC superpixels of an RGB uint8 image (H x W x 3), returned as out_size x out_size ids.
+
+    compactness 10 and sigma 0 are scikit-image's (and the reference's) defaults. On strongly
+    textured images they fragment and the connectivity step merges the pieces into a few huge
+    segments; a higher compactness and sigma=1 keep them regular."""
+    labels = slic(image, n_segments=n_segments, compactness=compactness, sigma=sigma,
+                  start_label=0, channel_axis=-1)
+    return downsample_labels(labels, out_size)
+
+
+class SuperpixelCache:
+    """Superpixels computed once per image, kept in one memory-mapped file per dataset.
+
+    Row i holds image i's M x M map (uint16) and a CRC32 of (i, map). The CRC is written after
+    the map, so a row written halfway (a killed worker, a crash) never reads back as valid and
+    is simply computed again. Rows are written by whichever loader worker or process first
+    needs them; concurrent writers of the same row write the same bytes. The file is created
+    atomically (hard link of a finished temporary file), so racing processes share one file.
+    """
+
+    def __init__(self, folder, key, n_images, size):
+        self.path = Path(folder) / f'superpixels-{key}.npy'
+        self.shape = (n_images, size * size + 2)
+        self.size = size
+        self._rows = None
+        self._pid = None
+
+    def _open(self):
+        if self._rows is None or self._pid != os.getpid():   # each worker process maps its own
+            if not self.path.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(f'.{os.getpid()}.{random.getrandbits(32)}.tmp')
+                rows = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint16, shape=self.shape)
+                rows.flush()
+                del rows
+                try:
+                    os.link(tmp, self.path)                # fails if another process won the race
+                except FileExistsError:
+                    pass
+                finally:
+                    tmp.unlink()
+            self._rows = np.load(self.path, mmap_mode='r+')
+            if self._rows.shape != self.shape:
+                raise DataError(f'superpixel cache {self.path} has shape {self._rows.shape}, '
+                                f'expected {self.shape}: delete it')
+            self._pid = os.getpid()
+        return self._rows
+
+    def _crc(self, index, labels):
+        return zlib.crc32(labels.tobytes(), zlib.crc32(index.to_bytes(8, 'little')))
+
+    def get(self, index):
+        row = self._open()[index]
+        labels = np.array(row[:-2])
+        stored = int(row[-2]) << 16 | int(row[-1])
+        if stored != self._crc(index, labels):
+            return None
+        return labels.reshape(self.size, self.size).astype(np.int64)
+
+    def put(self, index, labels):
+        labels = labels.astype(np.uint16).ravel()
+        rows = self._open()
+        rows[index, :-2] = labels
+        crc = self._crc(index, labels)
+        rows[index, -2:] = (crc >> 16, crc & 0xFFFF)
+
+
+# ================================ views ================================
+
+def random_crop_box(rng, width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A RandomResizedCrop box (left, top, w, h) in pixels, drawn from `rng` (random.Random)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    # fallback: the central crop with the ratio clamped (as torchvision does)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def color_augment(img, rng, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                  gray_p=0.2):
+    """BYOL colour augmentation of a PIL image with parameters drawn from `rng`."""
+    if rng.random() < jitter_p:
+        b, c, s, h = jitter
+        ops = [lambda x: TF.adjust_brightness(x, rng.uniform(1 - b, 1 + b)),
+               lambda x: TF.adjust_contrast(x, rng.uniform(1 - c, 1 + c)),
+               lambda x: TF.adjust_saturation(x, rng.uniform(1 - s, 1 + s)),
+               lambda x: TF.adjust_hue(x, rng.uniform(-h, h))]
+        rng.shuffle(ops)
+        for op in ops:
+            img = op(img)
+    if rng.random() < gray_p:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if rng.random() < blur_p:
+        sigma = rng.uniform(0.1, 2.0)
+        kernel = max(3, int(img.size[0] * 0.1) // 2 * 2 + 1)   # 23 at 224, as in BYOL
+        img = TF.gaussian_blur(img, kernel, sigma)
+    if rng.random() < solarize_p:
+        img = TF.solarize(img, 128)
+    return img
+
+
+def normalize(img):
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def denormalize(x):
+    """Normalised 3 x H x W tensor back to an H x W x 3 uint8 array (for pictures)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
+    return ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0)):
+    """Two augmented views of a PIL image, their boxes (normalised x0, y0, x1, y1) and flips.
+
+    View 1 is always blurred and never solarised; view 2 is blurred with p=0.1 and solarised
+    with p=0.2 (BYOL's asymmetric pair).
+    """
+    views, boxes, flips = [], [], []
+    width, height = img.size
+    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
+        left, top, w, h = random_crop_box(rng, width, height, scale)
+        view = TF.resized_crop(img, top, left, h, w, [size, size], BICUBIC, antialias=True)
+        flip = rng.random() < flip_p
+        if flip:
+            view = TF.hflip(view)
+        views.append(normalize(color_augment(view, rng, blur_p, solarize_p)))
+        boxes.append((left / width, top / height, (left + w) / width, (top + h) / height))
+        flips.append(flip)
+    return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips)
+
+
+# ================================ datasets ================================
+
+class R2ODataset(Dataset):
+    """Base dataset: subclasses say how to load image `index` as PIL RGB and name themselves.
+
+    Indexed by (epoch, index) pairs (see `EpochSampler`) so that augmentation depends on the
+    epoch without any state in the (possibly persistent) loader workers.
+    """
+
+    def __init__(self, image_size=224, n_segments=100, slic_size=None, slic_compactness=10.0,
+                 slic_sigma=0.0, flip_p=0.5, cache_dir=None, seed=0, crop_scale=(0.08, 1.0)):
+        self.image_size = image_size
+        self.mask_size = image_size // 4
+        self.n_segments = n_segments
+        self.slic_size = slic_size or image_size
+        self.slic_compactness = slic_compactness
+        self.slic_sigma = slic_sigma
+        self.flip_p = flip_p
+        self.crop_scale = tuple(crop_scale)
+        self.seed = seed
+        self.cache = None
+        if cache_dir is not None:
+            self.cache = SuperpixelCache(cache_dir, self.cache_key(), len(self), self.mask_size)
+
+    def load(self, index):
+        raise NotImplementedError
+
+    def identity(self):
+        """Strings that identify the images (file names, generator settings) for the cache key."""
+        raise NotImplementedError
+
+    def cache_key(self):
+        params = dict(n_segments=self.n_segments, slic_size=self.slic_size,
+                      compactness=self.slic_compactness, sigma=self.slic_sigma,
+                      mask_size=self.mask_size, version=1)
+        h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
+        for s in self.identity():
+            h.update(s.encode() + b'\n')
+        return h.hexdigest()[:16]
+
+    def superpixels(self, index, image=None):
+        """Image `index`'s superpixels, mask_size x mask_size int64, from the cache if there.
+
+        SLIC runs on the whole RGB image resized to slic_size x slic_size (aspect not kept,
+        like the raw view), not on the normalised tensor as in the reference code."""
+        labels = self.cache.get(index) if self.cache is not None else None
+        if labels is None:
+            if image is None:
+                image = self.load(index)
+            image = image.resize((self.slic_size, self.slic_size), Image.BICUBIC)
+            labels = compute_superpixels(np.asarray(image), self.n_segments, self.mask_size,
+                                         self.slic_compactness, self.slic_sigma)
+            if self.cache is not None:
+                self.cache.put(index, labels)
+        return labels
+
+    def load_checked(self, index):
+        """Load image `index`; if it is unreadable, take the next readable one and report it."""
+        bad = []
+        for offset in range(min(len(self), 50)):
+            i = (index + offset) % len(self)
+            try:
+                return i, self.load(i), bad
+            except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+                bad.append(f'{self.name(i)} ({type(e).__name__}: {e})')
+        raise DataError(f'{len(bad)} unreadable images in a row, e.g. {bad[0]}')
+
+    def name(self, index):
+        return str(index)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        index, img, bad = self.load_checked(index)
+        rng = random.Random(f'{self.seed}-{epoch}-{index}')
+        views, boxes, flips = two_views(img, self.image_size, rng, self.flip_p, self.crop_scale)
+        raw = normalize(img.resize((self.image_size, self.image_size), Image.BICUBIC))
+        superpixels = self.superpixels(index, img)
+        return dict(view1=views[0], view2=views[1], raw=raw,
+                    superpixels=torch.from_numpy(superpixels), boxes=boxes, flips=flips,
+                    index=index, bad=bad)
+
+
+class ImageFolderDataset(R2ODataset):
+    """Every image under a folder (ImageNet's train/ class folders, COCO's flat folder, ...)."""
+
+    def __init__(self, root, **kwargs):
+        self.root = Path(root)
+        self.files = find_images(root)
+        super().__init__(**kwargs)
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, index):
+        return load_image(self.files[index])
+
+    def name(self, index):
+        return str(self.files[index])
+
+    def identity(self):
+        return [str(p.relative_to(self.root)) for p in self.files]
+
+
+class SyntheticDataset(R2ODataset):
+    """Generated scenes (`synthetic_scene`), made in memory on demand: no files, deterministic."""
+
+    def __init__(self, n_images=1024, scene_size=128, scene_seed=0, **kwargs):
+        self.n_images = n_images
+        self.scene_size = scene_size
+        self.scene_seed = scene_seed
+        super().__init__(**kwargs)
+
+    def __len__(self):
+        return self.n_images
+
+    def load(self, index):
+        return Image.fromarray(synthetic_scene(index, self.scene_size, self.scene_seed)[0])
+
+    def name(self, index):
+        return f'synthetic scene {index}'
+
+    def identity(self):
+        return [f'synthetic n={self.n_images} size={self.scene_size} seed={self.scene_seed}']
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) pairs: a shuffled, rank-sharded order (DistributedSampler's),
+    tagged with the epoch so the dataset can seed augmentation from it."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def collate(samples):
+    """Stack the tensors of a list of samples; gather the names of unreadable images."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in
+             ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')}
+    batch['index'] = torch.tensor([s['index'] for s in samples])
+    batch['bad'] = [b for s in samples for b in s['bad']]
+    return batch

@@ -1,0 +1,776 @@
+"""R2O: Region-to-Object representation learning (Gokul et al., arXiv 2208.11821).
+
+BYOL with mask pooling, where the masks are re-derived every step by clustering superpixels
+with the target encoder's own features, and the number of clusters K shrinks over training.
+
+Try it (CPU, no data, about 5 minutes; writes runs/synthetic-cosine/):
+    python r2o.py
+One GPU:
+    python r2o.py --data /path/to/imagenet
+One node, 8 GPUs (the paper's per-GPU batch of 32, global 256, lr 0.3):
+    torchrun --nproc_per_node=8 r2o.py --data /path/to/imagenet
+Several nodes (run on each, with its --node_rank):
+    torchrun --nnodes=4 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
+        r2o.py --data /path/to/imagenet
+Baselines: `--k-schedule constant --k-max 1 --no-lr-k-scale` is BYOL; `--k-schedule none` uses
+the superpixels themselves as masks (DetCon-style).
+"""
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.ops import roi_align
+
+import data
+
+
+# ================================ networks ================================
+
+def build_encoder(arch='resnet50'):
+    """A torchvision ResNet with fc replaced by identity (its state_dict is a torchvision one)."""
+    if arch not in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'):
+        raise ValueError(f'unknown --arch {arch}')
+    net = getattr(torchvision.models, arch)()
+    net.fc = nn.Identity()
+    return net
+
+
+def encoder_features(net, x, layer='layer4'):
+    """Feature map of a torchvision ResNet up to `layer` ('layer3' or 'layer4').
+
+    x: B x 3 x H x W -> B x C x H/16 x W/16 (layer3) or B x C x H/32 x W/32 (layer4).
+    """
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    x = net.layer3(net.layer2(net.layer1(x)))
+    return x if layer == 'layer3' else net.layer4(x)
+
+
+def feature_dim(net, layer='layer4'):
+    block = getattr(net, layer)[-1]
+    return (block.bn3 if hasattr(block, 'bn3') else block.bn2).num_features
+
+
+def mlp(in_dim, hidden_dim=4096, out_dim=256):
+    """BYOL's projector / predictor: Linear, BatchNorm1d, ReLU, Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+# ================================ refinement: superpixels -> object masks ================================
+
+def superpixel_pool(features, superpixels, n_superpixels=None):
+    """Average features inside each superpixel.
+
+    features: B x C x h x w; superpixels: B x M x M integer ids (M a multiple of h, e.g. 56 vs 14).
+    Each superpixel's weight on a feature cell is the fraction of that cell it covers.
+    Returns pooled B x S x C and area B x S (0 for ids absent from an image), S = max id + 1.
+    """
+    S = n_superpixels or int(superpixels.max()) + 1
+    onehot = F.one_hot(superpixels, S).permute(0, 3, 1, 2).to(features.dtype)   # B S M M
+    weights = F.adaptive_avg_pool2d(onehot, features.shape[-2:]).flatten(2)    # B S hw
+    area = weights.sum(-1)
+    pooled = weights @ features.flatten(2).transpose(1, 2)                     # B S C
+    return pooled / area.clamp_min(1e-6)[..., None], area
+
+
+def kmeans(x, k, iters=30, generator=None):
+    """K-means of the rows of x (N x D) with k-means++ initialisation, in fp32 on x's device.
+
+    Lloyd steps for a fixed `iters` (fixed work, no host sync); an empty cluster is re-seeded
+    with the point farthest from its own centroid, so no centroid is ever NaN.
+    Returns labels (N,) int64 in [0, k) and centroids (k x D). k is capped at N.
+    """
+    x = x.float()
+    n = x.shape[0]
+    k = min(k, n)
+    sq = (x * x).sum(1)
+
+    def sq_dist(c):                                      # N x k squared distances, by matmul
+        return (sq[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).clamp_min(0)
+
+    # k-means++: each new centre drawn with probability proportional to D(x)^2 (the one
+    # sequential part: k draws, each one matrix-vector product over all points)
+    first = torch.randint(n, (1,), device=x.device, generator=generator)
+    centroids = x.new_empty(k, x.shape[1])
+    centroids[0] = x[first[0]]
+    closest = sq_dist(centroids[:1])[:, 0]
+    for j in range(1, k):
+        probs = closest + 1e-12                          # all-equal points: uniform choice
+        pick = torch.multinomial(probs, 1, generator=generator)
+        centroids[j] = x[pick[0]]
+        closest = torch.minimum(closest, sq_dist(centroids[j:j + 1])[:, 0])
+
+    for _ in range(iters):
+        d = sq_dist(centroids)
+        labels = d.argmin(1)
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        centroids = sums / counts.clamp_min(1)[:, None]
+        # re-seed empty clusters (no host sync): the e-th empty one takes the e-th farthest point
+        empty = counts == 0
+        own = d.gather(1, labels[:, None])[:, 0]
+        farthest = own.argsort(descending=True)
+        rank = (empty.cumsum(0) - 1).clamp(0, n - 1)
+        centroids = torch.where(empty[:, None], x[farthest[rank]], centroids)
+    labels = sq_dist(centroids).argmin(1)
+    return labels, centroids
+
+
+@torch.no_grad()
+def refine(features, superpixels, k, iters=30, generator=None):
+    """Cluster the superpixels of a whole batch into k object masks (R2O's refinement).
+
+    features: B x C x h x w (the target encoder's layer3 on the raw view);
+    superpixels: B x M x M ids. Superpixel features are pooled, L2-normalised and clustered
+    together across the batch (cluster ids mean the same thing in every image), then each
+    cell of the M x M map takes its superpixel's cluster.
+    Returns labels B x M x M int64 in [0, k).
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        pooled, area = superpixel_pool(features.float(), superpixels)
+        present = area > 0
+        assigned, _ = kmeans(F.normalize(pooled[present], dim=1), k, iters, generator)
+        cluster_of = torch.zeros_like(area, dtype=torch.long)
+        cluster_of[present] = assigned
+    return cluster_of.gather(1, superpixels.flatten(1)).view_as(superpixels)
+
+
+def view_masks(labels, boxes, flips, k, out_size):
+    """Soft masks of one view: the label map cut to the view's crop box and flipped like it.
+
+    labels: B x M x M ints in [0, k); boxes: B x 4 (x0, y0, x1, y1) normalised to the whole
+    image; flips: B bools. Returns B x k x out_size^2; at every cell the k values sum to 1.
+    """
+    B, M, _ = labels.shape
+    onehot = F.one_hot(labels, k).permute(0, 3, 1, 2).float()                  # B k M M
+    rois = torch.cat([torch.arange(B, device=labels.device, dtype=torch.float32)[:, None],
+                      boxes.float() * M], 1)
+    masks = roi_align(onehot, rois, out_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    masks = torch.where(flips[:, None, None, None], masks.flip(-1), masks)
+    return masks.flatten(2)
+
+
+def mask_pool(features, masks):
+    """Average of B x C x h x w features under each of B x K x hw soft masks -> B x K x C."""
+    area = masks.sum(-1, keepdim=True)
+    return (masks.to(features.dtype) @ features.flatten(2).transpose(1, 2)) / area.clamp_min(1e-6).to(features.dtype)
+
+
+def mask_overlap(masks1, masks2, min_area=0.01):
+    """The overlap indicator: B x K bools, True where a mask covers more than `min_area`
+    (a fraction of the view) in both views. Only these (image, mask) pairs enter the loss."""
+    return (masks1.mean(-1) > min_area) & (masks2.mean(-1) > min_area)
+
+
+def byol_loss(prediction, target):
+    """BYOL's regression loss 2 - 2 cos(prediction, target), averaged over rows (N x D)."""
+    p = F.normalize(prediction.float(), dim=-1)
+    z = F.normalize(target.float(), dim=-1)
+    return (2 - 2 * (p * z).sum(-1)).mean()
+
+
+class R2O(nn.Module):
+    """Online encoder + projector + predictor, and the target (EMA) encoder + projector.
+
+    forward(view1, view2, masks1, masks2) returns the symmetrised mask-level BYOL loss over the
+    (image, mask) pairs present in both views, and the number of such pairs.
+    """
+
+    def __init__(self, arch='resnet50', hidden_dim=4096, out_dim=256, min_mask_area=0.01):
+        super().__init__()
+        self.encoder = build_encoder(arch)
+        dim = feature_dim(self.encoder)
+        self.projector = mlp(dim, hidden_dim, out_dim)
+        self.predictor = mlp(out_dim, hidden_dim, out_dim)
+        self.target_encoder = build_encoder(arch)
+        self.target_projector = mlp(dim, hidden_dim, out_dim)
+        self.min_mask_area = min_mask_area
+        for online, target in self.online_target_pairs():
+            target.load_state_dict(online.state_dict())
+            target.requires_grad_(False)
+
+    def online_target_pairs(self):
+        return ((self.encoder, self.target_encoder), (self.projector, self.target_projector))
+
+    def forward(self, view1, view2, masks1, masks2):
+        B = view1.shape[0]
+        pairs = mask_overlap(masks1, masks2, self.min_mask_area).nonzero(as_tuple=True)
+        views = torch.cat([view1, view2])
+
+        def embed(encoder, projector):
+            f = encoder_features(encoder, views)
+            h = torch.cat([mask_pool(f[:B], masks1)[pairs], mask_pool(f[B:], masks2)[pairs]])
+            return projector(h).chunk(2)        # the projector only sees masks in both views
+
+        p1, p2 = (self.predictor(z) for z in embed(self.encoder, self.projector))
+        with torch.no_grad():
+            z1, z2 = embed(self.target_encoder, self.target_projector)
+        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+        return loss, pairs[0].numel()
+
+
+@torch.no_grad()
+def ema_update(model, momentum):
+    """target = momentum * target + (1 - momentum) * online, for weights and BN statistics."""
+    for online, target in model.online_target_pairs():
+        for t, o in zip(target.state_dict().values(), online.state_dict().values()):
+            if t.dtype.is_floating_point:
+                t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
+            else:
+                t.copy_(o)
+
+
+# ================================ schedules ================================
+
+def k_schedule(epoch, epochs, kind='cosine', k_max=128, k_min=4):
+    """Number of clusters K for `epoch` (counted from 1 to `epochs`), or None for 'none'
+    (the superpixels themselves are the masks).
+
+    cosine (R2O's default): int(k_min + (k_max - k_min) * cos(pi/2 * epoch/epochs)), 128 -> 4;
+    linear: from k_max down to k_min; constant: k_max (k_max=1 is BYOL).
+    """
+    if kind == 'none':
+        return None
+    if kind == 'constant':
+        return k_max
+    t = epoch / epochs
+    if kind == 'cosine':
+        return int(k_min + (k_max - k_min) * math.cos(math.pi / 2 * t))
+    if kind == 'linear':
+        return int(round(k_max - (k_max - k_min) * t))
+    raise ValueError(f'unknown K schedule {kind}')
+
+
+def learning_rate(step, total_steps, warmup_steps, base_lr):
+    """Linear warmup from 0 over warmup_steps, then cosine to 0 at total_steps."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ema_momentum(step, total_steps, base=0.99):
+    """Target EMA momentum, from `base` at step 0 to 1 at the end, on a cosine."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+# ================================ optimizer ================================
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al.) with SGD momentum. Parameter groups with lars_exclude=True (biases and
+    BatchNorm) get plain SGD momentum: no trust ratio and no weight decay."""
+
+    def __init__(self, params, lr=0.0, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not g['lars_exclude']:
+                    update = update.add(p, alpha=g['weight_decay'])
+                    p_norm, u_norm = torch.norm(p), torch.norm(update)
+                    trust = torch.where((p_norm > 0) & (u_norm > 0),
+                                        g['trust_coefficient'] * p_norm / u_norm,
+                                        torch.ones_like(p_norm))
+                    update = update.mul(trust)
+                state = self.state[p]
+                if 'mu' not in state:
+                    state['mu'] = torch.zeros_like(p)
+                mu = state['mu'].mul_(g['momentum']).add_(update)
+                p.add_(mu, alpha=-g['lr'])
+
+
+def lars_param_groups(module):
+    """Two groups: weights (LARS + weight decay) and biases + every BatchNorm parameter (neither).
+
+    Only parameters that require grad (the online networks) are included."""
+    regular, excluded = [], []
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_bn = isinstance(m, nn.modules.batchnorm._NormBase)
+            (excluded if is_bn or name == 'bias' else regular).append(p)
+    return [dict(params=regular), dict(params=excluded, weight_decay=0.0, lars_exclude=True)]
+
+
+# ================================ arguments ================================
+
+# Defaults that depend on the data: the paper's settings for a real dataset, a small preset for
+# the built-in generated scenes (about 5 minutes on 2 CPU cores). A flag given explicitly wins.
+PAPER = dict(arch='resnet50', image_size=224, epochs=300, batch_size=32, superpixels=100,
+             slic_compactness=10.0, slic_sigma=0.0, k_max=128, k_min=4, warmup_epochs=3,
+             workers=8, save_every=25, vis_every=10, print_freq=50)
+DEMO = dict(arch='resnet18', image_size=64, epochs=8, batch_size=32, superpixels=24,
+            slic_compactness=30.0, slic_sigma=1.0, k_max=32, k_min=4, warmup_epochs=1,
+            workers=2, save_every=4, vis_every=1, print_freq=8, synthetic_images=768)
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser('R2O pretraining', add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default='synthetic',
+                   help='an image folder (PATH/train is used if it exists: ImageNet; or any folder '
+                        'of images, searched recursively: COCO), or "synthetic" for generated scenes')
+    g.add_argument('--synthetic-images', type=int, default=None,
+                   help='number of generated scenes per epoch with --data synthetic (preset 768)')
+    g.add_argument('--image-size', type=int, default=None,
+                   help='training resolution (224; synthetic preset 64). Masks live at image-size/4')
+    g.add_argument('--superpixels', type=int, default=None,
+                   help='SLIC n_segments per image (100; synthetic preset 24)')
+    g.add_argument('--slic-compactness', type=float, default=None,
+                   help='SLIC compactness (10, scikit-image\'s default; synthetic preset 30: its '
+                        'strong textures fragment SLIC at 10)')
+    g.add_argument('--slic-sigma', type=float, default=None,
+                   help='SLIC Gaussian pre-smoothing (0; synthetic preset 1)')
+    g.add_argument('--slic-size', type=int, default=None,
+                   help='run SLIC on the whole image resized to this size (default: --image-size)')
+    g.add_argument('--superpixel-cache', default='runs/superpixel-cache',
+                   help='folder for the per-dataset superpixel cache (computed once, reused every '
+                        'epoch and by every run on the same data); "none" recomputes SLIC every time')
+    g.add_argument('--flip-p', type=float, default=0.5,
+                   help='horizontal flip probability per view (the reference code flips always: 1.0)')
+    g.add_argument('--workers', type=int, default=None, help='loader processes per GPU (8; preset 2)')
+    g.add_argument('--max-bad-fraction', type=float, default=0.01,
+                   help='stop if more than this fraction of the images read so far are unreadable')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', default=None, help='resnet18/34/50/101/152 (resnet50; preset resnet18)')
+    g.add_argument('--hidden-dim', type=int, default=4096, help='projector/predictor hidden size')
+    g.add_argument('--out-dim', type=int, default=256, help='projection size')
+    g.add_argument('--min-mask-area', type=float, default=0.01,
+                   help='a mask counts as present in a view above this fraction of the view; only '
+                        'masks present in both views enter the loss')
+
+    g = p.add_argument_group('masks and the K curriculum')
+    g.add_argument('--k-schedule', default='cosine', choices=['cosine', 'linear', 'constant', 'none'],
+                   help='how K shrinks over epochs; "constant" keeps --k-max (with --k-max 1 this is '
+                        'BYOL); "none" uses the superpixels themselves as masks (DetCon-style)')
+    g.add_argument('--k-max', type=int, default=None, help='K at the start (128; preset 32)')
+    g.add_argument('--k-min', type=int, default=None, help='K at the end (4)')
+    g.add_argument('--kmeans-iters', type=int, default=30,
+                   help='Lloyd iterations per step, fixed (the reference runs to convergence, cap 200)')
+
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=None, help='epochs (300; preset 8)')
+    g.add_argument('--batch-size', type=int, default=None,
+                   help='images per GPU/process (32). k-means clusters one per-GPU batch, so keep '
+                        'this fixed and scale the number of GPUs')
+    g.add_argument('--lr', type=float, default=0.3,
+                   help='base learning rate for a global batch of 256 (scaled linearly)')
+    g.add_argument('--lr-k-scale', action=argparse.BooleanOptionalAction, default=True,
+                   help='multiply the lr by K/16 with the epoch\'s K (the reference\'s default)')
+    g.add_argument('--warmup-epochs', type=float, default=None, help='linear lr warmup (3; preset 1)')
+    g.add_argument('--weight-decay', type=float, default=1e-6, help='LARS weight decay')
+    g.add_argument('--ema', type=float, default=0.99, help='target EMA momentum at the start (-> 1)')
+
+    g = p.add_argument_group('run')
+    g.add_argument('--output-dir', default=None,
+                   help='where checkpoints, logs and pictures go (runs/<data>-<k-schedule>); a '
+                        'checkpoint.pt already there is resumed')
+    g.add_argument('--resume', default=None, help='continue from this checkpoint.pt')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--save-every', type=int, default=None,
+                   help='keep a copy of the checkpoint every N epochs (25; preset 4)')
+    g.add_argument('--vis-every', type=int, default=None,
+                   help='write a mask picture every N epochs (10; preset 1)')
+    g.add_argument('--print-freq', type=int, default=None, help='progress line every N steps')
+    g.add_argument('--stop-after', type=int, default=None,
+                   help='stop after this many epochs in this run (to fit a job time limit); '
+                        'start again with the same command to continue')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
+                   help='bf16 autocast where the device supports it (never on CPU)')
+    g.add_argument('--compile', action='store_true', help='torch.compile the encoders (GPU)')
+    g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    return p
+
+
+def resolve_args(args):
+    """Fill the data-dependent defaults and derived names. Returns args."""
+    preset = DEMO if args.data == 'synthetic' else PAPER
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.output_dir is None:
+        name = 'synthetic' if args.data == 'synthetic' else Path(args.data).resolve().name
+        sched = args.k_schedule + (str(args.k_max) if args.k_schedule == 'constant' else '')
+        args.output_dir = str(Path('runs') / f'{name}-{sched}')
+    if args.image_size % 32:
+        raise SystemExit(f'--image-size must be a multiple of 32 (got {args.image_size})')
+    return args
+
+
+# ================================ distributed ================================
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (NCCL) or per CPU
+    process (gloo). Plain `python r2o.py` runs one process with no process group."""
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank = int(os.environ.get('RANK', 0))
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device == 'cuda':
+        torch.cuda.set_device(local_rank)
+        device = f'cuda:{local_rank}'
+    if ddp:
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    return ddp, rank, world, torch.device(device)
+
+
+def params_in_sync(model, world):
+    """Largest difference of any online parameter between ranks (0.0 when they are identical)."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters() if p.requires_grad])
+    if world == 1:
+        return 0.0
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return (hi - lo).max().item()
+
+
+# ================================ checkpoints ================================
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = Path(str(path) + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    state = dict(cpu=torch.get_rng_state())
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['cpu'])
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+MUST_MATCH = ('data', 'arch', 'image_size', 'superpixels', 'slic_compactness', 'k_schedule',
+              'k_max', 'k_min', 'epochs', 'batch_size', 'hidden_dim', 'out_dim')
+
+
+def load_checkpoint(path, model, optimizer, args, rank, device):
+    """Restore model, optimizer and this rank's RNG; returns (epochs done, steps done)."""
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'args' not in ckpt:
+        raise SystemExit(f'{path} is not an R2O training checkpoint')
+    differ = [f'--{k.replace("_", "-")} {ckpt["args"].get(k)} (now {getattr(args, k)})'
+              for k in MUST_MATCH if ckpt['args'].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f'{path} was made with other settings: {", ".join(differ)}. '
+                         'Give the same flags, or another --output-dir to start afresh.')
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    states = ckpt['rng']
+    set_rng_state(states[rank] if rank < len(states) else states[0], device)
+    return ckpt['epoch'], ckpt['step']
+
+
+def export_backbone(model, path):
+    """The online encoder as a plain torchvision ResNet state_dict (only fc.* absent)."""
+    save_atomic({k: v.cpu() for k, v in model.encoder.state_dict().items()}, path)
+
+
+# ================================ pictures ================================
+
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                    [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+                    [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]],
+                   dtype=np.uint8)
+
+
+def colorize(labels, size):
+    """Integer label map -> size x size x 3 colours (nearest upsampling)."""
+    idx = (np.arange(size) * labels.shape[0] // size)
+    lab = labels[idx][:, idx]
+    colors = PALETTE[lab % len(PALETTE)].astype(np.int32)
+    # beyond the palette, vary brightness so different ids stay distinguishable
+    shade = 1.0 - 0.35 * ((lab // len(PALETTE)) % 3)[..., None]
+    return (colors * shade).astype(np.uint8)
+
+
+def mask_picture(images, superpixels, labels, path, title, scale=3):
+    """PNG grid: one row per image: image | superpixels | refined masks (over the image)."""
+    from PIL import Image, ImageDraw
+    from skimage.segmentation import find_boundaries
+    size = images[0].shape[0] * scale
+    rows = []
+    for img, sp, lab in zip(images, superpixels, labels):
+        img = np.kron(img, np.ones((scale, scale, 1), np.uint8))
+        idx = np.arange(size) * sp.shape[0] // size
+        edges = find_boundaries(sp[idx][:, idx], mode='inner')
+        sp_view = img.copy()
+        sp_view[edges] = (255, 255, 0)
+        masks = (0.45 * img + 0.55 * colorize(lab, size)).astype(np.uint8)
+        gap = np.full((size, 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([img, gap, sp_view, gap, masks], 1))
+    grid = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)])
+                           for r in rows])
+    header = np.full((18, grid.shape[1], 3), 255, np.uint8)
+    pic = Image.fromarray(np.concatenate([header, grid]))
+    ImageDraw.Draw(pic).text((4, 3), title + '   (image | superpixels | masks)', fill=(0, 0, 0))
+    pic.save(path)
+
+
+@torch.no_grad()
+def visualize(model, vis, k, args, device, path, title):
+    """Refine the fixed picture batch with the current target encoder and draw it (rank 0).
+
+    Every rank runs it (SyncBatchNorm needs all of them) on a copy of the encoder, with its
+    own generator, so training state and random streams are untouched."""
+    raw, sp = vis['raw'].to(device), vis['superpixels'].to(device)
+    if k is None:
+        labels = sp
+    else:
+        encoder = copy.deepcopy(model.target_encoder)
+        g = torch.Generator(device=device).manual_seed(0)
+        labels = refine(encoder_features(encoder, raw, 'layer3'), sp, k, args.kmeans_iters, g)
+    if path is not None:
+        mask_picture([data.denormalize(x) for x in raw.cpu()], sp.cpu().numpy(),
+                     labels.cpu().numpy(), path, title)
+
+
+# ================================ one epoch ================================
+
+def masks_for_batch(model, batch, k, args):
+    """Both views' soft masks for a batch: refine (k a number), superpixels (k None) or whole
+    crops (k == 1). Returns masks1, masks2 (B x K x g^2) and K."""
+    sp = batch['superpixels']
+    if k is None:
+        labels, k = sp, int(sp.max()) + 1
+    elif k == 1:
+        labels = torch.zeros_like(sp)          # one mask = the whole crop: plain BYOL
+    else:
+        features = encoder_features(model.target_encoder, batch['raw'], 'layer3')
+        labels = refine(features, sp, k, args.kmeans_iters)
+    g = args.image_size // 32                  # final feature map size (7 at 224)
+    boxes, flips = batch['boxes'], batch['flips']
+    return (view_masks(labels, boxes[:, 0], flips[:, 0], k, g),
+            view_masks(labels, boxes[:, 1], flips[:, 1], k, g), k)
+
+
+def train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run):
+    """One pass over the loader. `run` holds the run-wide constants (device, sizes, schedules).
+    Returns a dict of epoch statistics."""
+    device = run['device']
+    k = k_schedule(epoch + 1, args.epochs, args.k_schedule, args.k_max, args.k_min)
+    lr_scale = k / 16 if (args.lr_k_scale and k is not None) else 1.0
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if run['bf16'] else nullcontext())
+    model.train()
+    n_steps = len(loader)
+    loss_sum, pairs_sum, seen, bad = 0.0, 0, 0, []
+    start = time.time()
+    for it, batch in enumerate(loader):
+        lr = learning_rate(step, run['total_steps'], run['warmup_steps'], run['base_lr']) * lr_scale
+        momentum = ema_momentum(step, run['total_steps'], args.ema)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        for name in ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips'):
+            batch[name] = batch[name].to(device, non_blocking=True)
+            if run['channels_last'] and batch[name].dim() == 4:
+                batch[name] = batch[name].contiguous(memory_format=torch.channels_last)
+
+        with autocast:
+            masks1, masks2, k_used = masks_for_batch(model, batch, k, args)
+            loss, n_pairs = ddp_model(batch['view1'], batch['view2'], masks1, masks2)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f'loss is {loss_value} at epoch {epoch + 1}, step {it + 1}: stopping. The last good '
+                f'checkpoint (end of epoch {epoch}) in {args.output_dir} is untouched; try a lower '
+                '--lr or --no-amp')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema_update(model, momentum)
+        step += 1
+
+        B = batch['view1'].shape[0]
+        loss_sum += loss_value
+        pairs_sum += n_pairs
+        seen += B
+        for name in batch['bad']:
+            print(f'[rank {run["rank"]}] unreadable image skipped: {name}', flush=True)
+        bad += batch['bad']
+        if len(bad) > args.max_bad_fraction * seen and (seen >= 200 or it + 1 == n_steps):
+            raise data.DataError(
+                f'{len(bad)} of {seen} images read so far are unreadable (over --max-bad-fraction '
+                f'{args.max_bad_fraction}), e.g. ' + '; '.join(bad[:5]))
+
+        if run['rank'] == 0 and ((it + 1) % args.print_freq == 0 or it + 1 == n_steps):
+            elapsed = time.time() - start
+            per_step = elapsed / (it + 1)
+            left_epoch = per_step * (n_steps - it - 1)
+            left_run = left_epoch + per_step * n_steps * (run['last_epoch'] - epoch - 1)
+            print(f'epoch {epoch + 1}/{args.epochs} [{it + 1:>{len(str(n_steps))}}/{n_steps}] '
+                  f'loss {loss_sum / (it + 1):.4f} K {k_used} lr {lr:.4g} ema {momentum:.5f} '
+                  f'masks/img {pairs_sum / seen:.1f} {seen * run["world"] / elapsed:.1f} img/s '
+                  f'eta epoch {fmt_time(left_epoch)} run {fmt_time(left_run)}', flush=True)
+
+    stats = torch.tensor([loss_sum, pairs_sum, seen, n_steps, len(bad)], dtype=torch.float64,
+                         device=device)
+    if run['world'] > 1:
+        dist.all_reduce(stats)
+    elapsed = time.time() - start
+    return step, dict(epoch=epoch + 1, loss=stats[0].item() / stats[3].item(),
+                      k=k if k is not None else 'superpixels', lr=lr, ema_momentum=momentum,
+                      masks_per_image=stats[1].item() / stats[2].item(),
+                      images_per_s=stats[2].item() / elapsed, time_s=round(elapsed, 1),
+                      unreadable_images=int(stats[4].item()))
+
+
+def fmt_time(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+# ================================ main ================================
+
+def build_dataset(args):
+    cache = None if args.superpixel_cache == 'none' else args.superpixel_cache
+    common = dict(image_size=args.image_size, n_segments=args.superpixels, slic_size=args.slic_size,
+                  slic_compactness=args.slic_compactness, slic_sigma=args.slic_sigma,
+                  flip_p=args.flip_p, cache_dir=cache, seed=args.seed)
+    if args.data == 'synthetic':
+        return data.SyntheticDataset(n_images=args.synthetic_images,
+                                     scene_size=2 * args.image_size, **common)
+    return data.ImageFolderDataset(args.data, **common)
+
+
+def main(args):
+    resolve_args(args)
+    ddp, rank, world, device = setup_distributed(args)
+    torch.manual_seed(args.seed + rank)
+    output_dir = Path(args.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print('settings:\n' + '\n'.join(f'  {k}: {v}' for k, v in sorted(vars(args).items())),
+              flush=True)
+
+    # ===== preparing data =====
+    dataset = build_dataset(args)
+    sampler = data.EpochSampler(torch.utils.data.DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        collate_fn=data.collate, pin_memory=device.type == 'cuda', drop_last=True,
+        persistent_workers=args.workers > 0)
+    if len(loader) == 0:
+        raise data.DataError(f'{len(dataset)} images are fewer than one batch of '
+                             f'{args.batch_size} x {world} processes')
+    vis = data.collate([dataset[(0, i)] for i in range(min(8, len(dataset)))])
+
+    # ===== building networks and optimizer =====
+    model = R2O(args.arch, args.hidden_dim, args.out_dim, args.min_mask_area).to(device)
+    if ddp and device.type == 'cuda':      # SyncBatchNorm needs GPUs; gloo ranks keep plain BN
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = device.type == 'cuda'
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = LARS(lars_param_groups(model), weight_decay=args.weight_decay)
+
+    # ===== schedules =====
+    steps_per_epoch = len(loader)
+    global_batch = args.batch_size * world
+    run = dict(device=device, rank=rank, world=world, total_steps=args.epochs * steps_per_epoch,
+               warmup_steps=int(args.warmup_epochs * steps_per_epoch),
+               base_lr=args.lr * global_batch / 256, channels_last=channels_last,
+               bf16=args.amp and device.type == 'cuda' and torch.cuda.is_bf16_supported())
+    if rank == 0:
+        print(f'{len(dataset)} images, {world} process(es) x batch {args.batch_size} = global '
+              f'{global_batch}, {steps_per_epoch} steps/epoch, lr {run["base_lr"]:.4g}'
+              f'{" x K/16" if args.lr_k_scale else ""}, device {device}'
+              f'{", bf16 autocast" if run["bf16"] else ", fp32"}', flush=True)
+
+    # ===== resume =====
+    start_epoch, step = 0, 0
+    ckpt_path = Path(args.resume) if args.resume else output_dir / 'checkpoint.pt'
+    if args.resume and not ckpt_path.is_file():
+        raise SystemExit(f'--resume {ckpt_path}: no such file')
+    if ckpt_path.is_file():
+        start_epoch, step = load_checkpoint(ckpt_path, model, optimizer, args, rank, device)
+        if rank == 0:
+            print(f'resumed from {ckpt_path} after epoch {start_epoch}', flush=True)
+
+    ddp_model = model
+    if ddp:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:
+        global encoder_features
+        encoder_features = torch.compile(encoder_features)
+
+    # ===== training =====
+    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    run['last_epoch'] = last_epoch
+    if start_epoch >= args.epochs and rank == 0:
+        print(f'{output_dir} already holds a finished run ({args.epochs} epochs); use another '
+              '--output-dir to train again', flush=True)
+    for epoch in range(start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        step, stats = train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run)
+        if ddp:
+            stats['rank_param_max_diff'] = params_in_sync(model, world)
+        rng = [rng_state(device)]
+        if ddp:
+            rng = [None] * world
+            dist.all_gather_object(rng, rng_state(device))
+        if rank == 0:
+            ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                        step=step, args=vars(args), rng=rng)
+            save_atomic(ckpt, output_dir / 'checkpoint.pt')
+            if (epoch + 1) % args.save_every == 0:
+                save_atomic(ckpt, output_dir / f'checkpoint-epoch{epoch + 1:04d}.pt')
+            with open(output_dir / 'log.txt', 'a') as f:
+                f.write(json.dumps(stats) + '\n')
+            print(json.dumps(stats), flush=True)
+        if (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs:
+            k = k_schedule(epoch + 1, args.epochs, args.k_schedule, args.k_max, args.k_min)
+            path = output_dir / f'masks-epoch{epoch + 1:04d}.png' if rank == 0 else None
+            visualize(model, vis, k, args, device, path,
+                      f'epoch {epoch + 1}/{args.epochs}  K={k if k is not None else "superpixels"}')
+
+    if rank == 0 and last_epoch == args.epochs:
+        export_backbone(model, output_dir / 'backbone.pt')
+        print(f'done: {output_dir}/backbone.pt (torchvision {args.arch} state_dict), '
+              f'checkpoint.pt, log.txt, masks-epoch*.png', flush=True)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except data.DataError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f'\ninterrupted: {args.output_dir}/checkpoint.pt holds the last finished epoch; '
+              'the same command continues from it', file=sys.stderr)
+        sys.exit(130)

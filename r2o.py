@@ -210,14 +210,14 @@ class R2O(nn.Module):
         pairs = mask_overlap(masks1, masks2, self.min_mask_area).nonzero(as_tuple=True)
         views = torch.cat([view1, view2])
 
-        def embed(encoder, projector):
+        def embed(encoder, projector):        # both views together, as one batch for BatchNorm
             f = encoder_features(encoder, views)
             h = torch.cat([mask_pool(f[:B], masks1)[pairs], mask_pool(f[B:], masks2)[pairs]])
-            return projector(h).chunk(2)        # the projector only sees masks in both views
+            return projector(h)                 # the projector only sees masks in both views
 
-        p1, p2 = (self.predictor(z) for z in embed(self.encoder, self.projector))
+        p1, p2 = self.predictor(embed(self.encoder, self.projector)).chunk(2)
         with torch.no_grad():
-            z1, z2 = embed(self.target_encoder, self.target_projector)
+            z1, z2 = embed(self.target_encoder, self.target_projector).chunk(2)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         return loss, pairs[0].numel()
 

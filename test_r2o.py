@@ -1,0 +1,478 @@
+"""R2O's specification as tests: each test is one property of the method or of a run.
+
+CPU and small (resnet18, 32-64 px images, a few steps). Run: python -m pytest -q test_r2o.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import data
+import r2o
+
+HERE = Path(__file__).resolve().parent
+
+
+def tiny_args(tmp_path, name, *extra):
+    """Arguments of a tiny synthetic run (a few seconds on CPU) writing to tmp_path/name."""
+    argv = ['--data', 'synthetic', '--synthetic-images', '32', '--image-size', '32',
+            '--batch-size', '8', '--epochs', '2', '--superpixels', '12', '--k-max', '8',
+            '--hidden-dim', '64', '--out-dim', '32', '--workers', '0', '--kmeans-iters', '5',
+            '--output-dir', str(tmp_path / name),
+            '--superpixel-cache', str(tmp_path / 'cache'), *extra]
+    return r2o.get_args_parser().parse_args(argv)
+
+
+def run_cli(*argv, cwd=HERE, env=None):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+# ================================ k-means ================================
+
+def test_kmeans_recovers_planted_clusters():
+    torch.manual_seed(0)
+    centres = torch.randn(5, 16) * 10
+    truth = torch.arange(5).repeat_interleave(40)
+    x = centres[truth] + torch.randn(200, 16) * 0.3
+    labels, centroids = r2o.kmeans(x, 5, iters=20)
+    # a perfect clustering up to renaming: every true cluster maps to one found cluster
+    pairs = set(zip(truth.tolist(), labels.tolist()))
+    assert len(pairs) == 5 and len({b for _, b in pairs}) == 5
+    assert torch.isfinite(centroids).all()
+
+
+def test_kmeans_never_nan_when_clusters_empty():
+    # 3 distinct points, 6 clusters: Lloyd steps leave clusters empty; they must be re-seeded
+    x = torch.tensor([[0., 0.], [0., 0.], [5., 5.], [5., 5.], [9., 0.], [9., 0.]]).repeat(5, 1)
+    labels, centroids = r2o.kmeans(x, 6, iters=10)
+    assert torch.isfinite(centroids).all()
+    assert labels.min() >= 0 and labels.max() < 6
+    # identical points always share a cluster
+    assert labels.view(-1, 2).diff(dim=1).abs().sum() == 0
+
+
+def test_kmeans_caps_k_at_the_number_of_points():
+    labels, centroids = r2o.kmeans(torch.randn(3, 4), 10)
+    assert centroids.shape == (3, 4) and sorted(labels.tolist()) == [0, 1, 2]
+
+
+def test_kmeans_runs_in_fp32_under_autocast():
+    x = torch.randn(64, 8, dtype=torch.bfloat16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, centroids = r2o.kmeans(x, 4)
+    assert centroids.dtype == torch.float32
+
+
+# ================================ refinement ================================
+
+def test_superpixel_pool_averages_inside_each_superpixel():
+    features = torch.arange(16.).view(1, 1, 4, 4)
+    superpixels = torch.zeros(1, 8, 8, dtype=torch.long)
+    superpixels[0, :, 4:] = 1                            # right half of the image
+    pooled, area = r2o.superpixel_pool(features, superpixels)
+    assert pooled[0, 0, 0] == features[0, 0, :, :2].mean()
+    assert pooled[0, 1, 0] == features[0, 0, :, 2:].mean()
+    assert torch.allclose(area, torch.tensor([[8., 8.]]))
+
+
+def test_refine_clusters_the_whole_batch_together():
+    # two images, each with a left region of "kind A" and a right region of "kind B" features;
+    # the same kind must get the same cluster id in both images
+    features = torch.zeros(2, 3, 2, 2)
+    features[:, 0, :, 0] = 1.0                            # left cells: kind A
+    features[:, 1, :, 1] = 1.0                            # right cells: kind B
+    superpixels = torch.zeros(2, 8, 8, dtype=torch.long)
+    superpixels[:, :, 4:] = 1
+    superpixels[1] = 1 - superpixels[1]                   # other superpixel numbering in image 1
+    labels = r2o.refine(features, superpixels, k=2)
+    assert labels.shape == (2, 8, 8)
+    assert (labels[0, :, :4] == labels[1, :, :4]).all() and (labels[0, :, 4:] == labels[1, :, 4:]).all()
+    assert labels[0, 0, 0] != labels[0, 0, 7]
+
+
+def test_view_masks_cut_the_crop_and_follow_the_flip():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :, 4:] = 1                                 # cluster 1 = right half
+    whole = torch.tensor([[0., 0., 1., 1.]])
+    left = torch.tensor([[0., 0., 0.5, 1.]])
+    no, yes = torch.tensor([False]), torch.tensor([True])
+    m = r2o.view_masks(labels, whole, no, 2, 2).view(2, 2, 2)
+    assert torch.allclose(m[0], torch.tensor([[1., 0.], [1., 0.]]))
+    assert torch.allclose(m[1], torch.tensor([[0., 1.], [0., 1.]]))
+    m_left = r2o.view_masks(labels, left, no, 2, 2).view(2, 2, 2)
+    assert torch.allclose(m_left[0], torch.ones(2, 2)) and torch.allclose(m_left[1], torch.zeros(2, 2))
+    flipped = r2o.view_masks(labels, whole, yes, 2, 2).view(2, 2, 2)
+    assert torch.allclose(flipped, m.flip(-1))
+
+
+def test_view_masks_sum_to_one_over_clusters():
+    labels = torch.randint(0, 6, (3, 16, 16))
+    boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9], [0., 0., 1., 1.], [0.5, 0.5, 0.8, 0.6]])
+    masks = r2o.view_masks(labels, boxes, torch.tensor([True, False, True]), 6, 4)
+    assert torch.allclose(masks.sum(1), torch.ones(3, 16), atol=1e-5)
+
+
+def test_mask_pool_is_the_masked_average():
+    features = torch.randn(2, 5, 3, 3)
+    masks = torch.rand(2, 4, 9)
+    expected = torch.einsum('bkn,bcn->bkc', masks, features.flatten(2)) / masks.sum(-1, keepdim=True)
+    assert torch.allclose(r2o.mask_pool(features, masks), expected, atol=1e-5)
+
+
+# ================================ loss ================================
+
+def small_model(arch='resnet18'):
+    torch.manual_seed(0)
+    return r2o.R2O(arch, hidden_dim=64, out_dim=32)
+
+
+def test_mask_present_in_one_view_adds_nothing_to_the_loss():
+    model = small_model()
+    v1, v2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    m1 = torch.zeros(2, 3, 4)
+    m2 = torch.zeros(2, 3, 4)
+    m1[:, 0], m2[:, 0] = 0.5, 0.5                        # mask 0: in both views
+    m1[:, 1], m2[:, 1] = 0.5, 0.5                        # mask 1: in both views
+    m1[:, 2] = torch.tensor([1., 0., 0., 0.])            # mask 2: only in view 1
+    assert r2o.mask_overlap(m1, m2).tolist() == [[True, True, False]] * 2
+    loss, pairs = model(v1, v2, m1, m2)
+    m1_changed = m1.clone()
+    m1_changed[:, 2] = torch.tensor([0., 0., 0.3, 1.])
+    loss_changed, _ = model(v1, v2, m1_changed, m2)
+    assert pairs == 4
+    assert torch.allclose(loss, loss_changed)
+
+
+def test_k1_is_byol():
+    """With K=1 every mask is the whole crop, and the loss equals plain BYOL (global pooling)."""
+    model = small_model()
+    torch.manual_seed(1)
+    v1, v2 = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    labels = torch.zeros(4, 16, 16, dtype=torch.long)
+    boxes = torch.rand(4, 2) * 0.4
+    boxes = torch.cat([boxes, boxes + 0.5], 1)
+    no_flip = torch.zeros(4, dtype=torch.bool)
+    m1 = r2o.view_masks(labels, boxes, no_flip, 1, 2)
+    m2 = r2o.view_masks(labels, boxes.flip(0), no_flip, 1, 2)
+    loss, pairs = model(v1, v2, m1, m2)
+
+    # plain BYOL, written independently: torchvision's forward (global average pool)
+    def cos_loss(p, z):
+        return (2 - 2 * F.cosine_similarity(p, z, dim=-1)).mean()
+    x = torch.cat([v1, v2])
+    p1, p2 = model.predictor(model.projector(model.encoder(x))).chunk(2)
+    with torch.no_grad():
+        z1, z2 = model.target_projector(model.target_encoder(x)).chunk(2)
+    byol = cos_loss(p1, z2) + cos_loss(p2, z1)
+    assert pairs == 4
+    assert torch.allclose(loss, byol, atol=1e-5)
+
+
+def test_byol_loss_values():
+    z = torch.randn(5, 8)
+    assert torch.allclose(r2o.byol_loss(z, 3 * z), torch.tensor(0.), atol=1e-6)
+    assert torch.allclose(r2o.byol_loss(z, -z), torch.tensor(4.), atol=1e-6)
+
+
+# ================================ schedules ================================
+
+def test_k_schedule_cosine_matches_the_reference_and_shrinks():
+    ks = [r2o.k_schedule(e, 300) for e in range(1, 301)]
+    assert {e: ks[e - 1] for e in (50, 150, 200, 250, 290, 300)} == \
+        {50: 123, 150: 91, 200: 66, 250: 36, 290: 10, 300: 4}
+    assert all(a >= b for a, b in zip(ks, ks[1:]))
+    assert min(ks[:60]) > 120                           # above 120 for the first fifth
+    assert ks[0] == 127
+
+
+def test_other_k_schedules():
+    assert r2o.k_schedule(1, 10, 'constant', 1) == 1
+    assert r2o.k_schedule(5, 10, 'none') is None
+    lin = [r2o.k_schedule(e, 10, 'linear', 40, 4) for e in range(1, 11)]
+    assert lin[-1] == 4 and all(a > b for a, b in zip(lin, lin[1:]))
+
+
+def test_learning_rate_and_momentum_schedules():
+    assert r2o.learning_rate(0, 100, 10, 0.3) == 0
+    assert r2o.learning_rate(10, 100, 10, 0.3) == pytest.approx(0.3)
+    assert r2o.learning_rate(100, 100, 10, 0.3) == pytest.approx(0, abs=1e-12)
+    assert r2o.learning_rate(55, 100, 10, 0.3) == pytest.approx(0.15)
+    assert r2o.ema_momentum(0, 100) == pytest.approx(0.99)
+    assert r2o.ema_momentum(100, 100) == pytest.approx(1.0)
+    assert r2o.ema_momentum(50, 100) == pytest.approx(0.995)
+
+
+# ================================ optimizer ================================
+
+def test_lars_excludes_biases_and_all_batchnorm():
+    model = small_model()
+    regular, excluded = r2o.lars_param_groups(model)
+    ids = lambda ps: {id(p) for p in ps}
+    bn = [p for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+          for p in m.parameters(recurse=False) if p.requires_grad]
+    biases = [p for n, p in model.named_parameters() if n.endswith('bias') and p.requires_grad]
+    assert ids(bn) | ids(biases) == ids(excluded['params'])
+    assert model.encoder.bn1.weight in excluded['params']             # the stem BN too
+    assert excluded['weight_decay'] == 0 and excluded['lars_exclude']
+    assert all(p.dim() > 1 for p in regular['params'])
+    online = {id(p) for p in model.parameters() if p.requires_grad}
+    assert ids(regular['params']) | ids(excluded['params']) == online   # no target weights
+
+
+def test_lars_step_applies_the_trust_ratio_only_to_weights():
+    w = torch.nn.Parameter(torch.full((3, 3), 2.0))
+    b = torch.nn.Parameter(torch.full((3,), 2.0))
+    opt = r2o.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars_exclude=True)],
+                   lr=0.5, weight_decay=0.1, trust_coefficient=0.001)
+    w.grad, b.grad = torch.ones(3, 3), torch.ones(3)
+    opt.step()
+    update = torch.ones(3, 3) + 0.1 * 2.0
+    trust = 0.001 * torch.norm(torch.full((3, 3), 2.0)) / torch.norm(update)
+    assert torch.allclose(w, 2.0 - 0.5 * trust * update)
+    assert torch.allclose(b, torch.full((3,), 2.0 - 0.5))              # plain SGD step
+
+
+# ================================ a training step ================================
+
+def test_one_step_changes_online_weights_and_ema_moves_target(tmp_path):
+    args = tiny_args(tmp_path, 'step')
+    r2o.resolve_args(args)
+    dataset = r2o.build_dataset(args)
+    batch = data.collate([dataset[(0, i)] for i in range(8)])
+    model = small_model()
+    opt = r2o.LARS(r2o.lars_param_groups(model))
+    for g in opt.param_groups:
+        g['lr'] = 0.5
+    online0 = [p.detach().clone() for p in model.encoder.parameters()]
+    target0 = [p.detach().clone() for p in model.target_encoder.parameters()]
+    masks1, masks2, k = r2o.masks_for_batch(model, batch, 4, args)
+    assert masks1.shape == (8, 4, 1) and k == 4
+    loss, _ = model(batch['view1'], batch['view2'], masks1, masks2)
+    loss.backward()
+    opt.step()
+    r2o.ema_update(model, 0.9)
+    online1 = list(model.encoder.parameters())
+    target1 = list(model.target_encoder.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(online0, online1))
+    for t0, o1, t1 in zip(target0, online1, target1):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * o1.detach())
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+
+
+# ================================ data ================================
+
+def test_synthetic_scenes_are_deterministic():
+    a, ia = data.synthetic_scene(3, 64)
+    b, ib = data.synthetic_scene(3, 64)
+    c, _ = data.synthetic_scene(4, 64)
+    assert np.array_equal(a, b) and np.array_equal(ia, ib) and not np.array_equal(a, c)
+    assert 1 <= ia.max() <= 4 and a.shape == (64, 64, 3) and a.dtype == np.uint8
+    images, masks = data.synthetic_objects(3, 64)
+    assert images.shape == (3, 64, 64, 3) and masks.dtype == bool
+    assert all(0.02 < m.mean() < 0.9 for m in masks)
+
+
+def test_downsample_labels_takes_the_majority():
+    labels = np.zeros((8, 8), np.int64)
+    labels[:, 4:] = 7                                    # right half: label 7
+    labels[0, 3] = 7                                     # one stray pixel in cell (0, 1)
+    labels[0:2, 0:2] = 9                                 # cell (0, 0) entirely label 9
+    expected = np.array([[9, 0, 7, 7]] + [[0, 0, 7, 7]] * 3)
+    # ids renumbered 0..n-1 in sorted order: 0 -> 0, 7 -> 1, 9 -> 2
+    assert np.array_equal(data.downsample_labels(labels, 4), np.searchsorted([0, 7, 9], expected))
+
+
+def test_sample_has_the_documented_shapes():
+    ds = data.SyntheticDataset(n_images=4, scene_size=96, image_size=64, n_segments=20)
+    s = ds[(0, 1)]
+    assert s['view1'].shape == s['view2'].shape == s['raw'].shape == (3, 64, 64)
+    assert s['superpixels'].shape == (16, 16) and s['superpixels'].dtype == torch.int64
+    assert s['boxes'].shape == (2, 4) and s['flips'].shape == (2,)
+    x0, y0, x1, y1 = s['boxes'].T
+    assert ((0 <= x0) & (x0 < x1) & (x1 <= 1) & (0 <= y0) & (y0 < y1) & (y1 <= 1)).all()
+    assert torch.equal(ds[(0, 1)]['view1'], s['view1'])                  # seeded per sample
+    assert not torch.equal(ds[(1, 1)]['view1'], s['view1'])              # ...and per epoch
+
+
+def test_flipped_view_gets_a_flipped_mask_end_to_end():
+    """A view with flip=True shows the image mirrored, and its mask is mirrored the same way."""
+    ds = data.SyntheticDataset(n_images=1, scene_size=64, image_size=64, n_segments=20,
+                               flip_p=1.0)
+    s = ds[(0, 0)]
+    assert s['flips'].all()
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[0, :, :3] = 1                                 # a strip at the left of the image
+    box = torch.tensor([[0., 0., 1., 1.]])
+    m = r2o.view_masks(labels, box, torch.tensor([True]), 2, 4).view(2, 4, 4)
+    assert m[1, :, -1].min() > 0.5 and m[1, :, 0].max() == 0       # now on the right
+
+
+def write_odd_images(folder):
+    """One file per Pillow mode we must read, plus two broken files. Returns the broken names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / 'rgb.jpg')
+    Image.fromarray(rgb).convert('L').save(folder / 'gray.png')
+    Image.fromarray(rgb).convert('RGBA').save(folder / 'rgba.png')
+    Image.fromarray(rgb).convert('P').save(folder / 'palette.png')
+    Image.fromarray(rgb).convert('CMYK').save(folder / 'cmyk.jpg')
+    Image.fromarray((np.arange(2000).reshape(40, 50) * 30).astype(np.uint16)).save(folder / 'deep.png')
+    whole = (folder / 'rgb.jpg').read_bytes()
+    (folder / 'truncated.jpg').write_bytes(whole[:len(whole) // 2])
+    (folder / 'notanimage.png').write_bytes(b'hello')
+    return {'truncated.jpg', 'notanimage.png'}
+
+
+def test_every_pillow_mode_becomes_rgb(tmp_path):
+    write_odd_images(tmp_path)
+    for name in ('rgb.jpg', 'gray.png', 'rgba.png', 'palette.png', 'cmyk.jpg', 'deep.png'):
+        img = data.load_image(tmp_path / name)
+        assert img.mode == 'RGB' and img.size == (50, 40)
+    deep = np.asarray(data.load_image(tmp_path / 'deep.png'))
+    assert deep.min() == 0 and deep.max() == 255 and len(np.unique(deep)) > 100  # scaled, not clipped
+
+
+def test_unreadable_images_are_skipped_and_reported(tmp_path):
+    broken = write_odd_images(tmp_path / 'imgs')
+    ds = data.ImageFolderDataset(tmp_path / 'imgs', image_size=32, n_segments=10)
+    reported = []
+    for i in range(len(ds)):
+        s = ds[(0, i)]
+        assert s['view1'].shape == (3, 32, 32)
+        reported += s['bad']
+    assert {Path(r.split(' (')[0]).name for r in reported} == broken
+
+
+def test_too_many_unreadable_images_stop_the_run(tmp_path):
+    write_odd_images(tmp_path / 'imgs')
+    args = tiny_args(tmp_path, 'bad', '--data', str(tmp_path / 'imgs'), '--batch-size', '4')
+    with pytest.raises(data.DataError, match='unreadable'):
+        r2o.main(args)
+
+
+def test_missing_or_empty_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    for folder in ('empty', 'missing'):
+        res = run_cli('r2o.py', '--data', str(tmp_path / folder), '--output-dir', str(tmp_path / 'o'))
+        assert res.returncode == 2
+        assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith('error:')
+
+
+def test_imagenet_layout_uses_the_train_folder(tmp_path):
+    for split in ('train/n01', 'train/n02', 'val/n01'):
+        (tmp_path / split).mkdir(parents=True)
+        Image.new('RGB', (20, 20)).save(tmp_path / split / 'a.jpg')
+    assert [p.parent.name for p in data.find_images(tmp_path)] == ['n01', 'n02']
+
+
+# ================================ superpixel cache ================================
+
+def test_cache_returns_what_was_stored_and_rejects_half_written_rows(tmp_path):
+    cache = data.SuperpixelCache(tmp_path, 'k', n_images=3, size=4)
+    labels = np.arange(16).reshape(4, 4)
+    assert cache.get(1) is None
+    cache.put(1, labels)
+    other = data.SuperpixelCache(tmp_path, 'k', n_images=3, size=4)   # another process
+    assert np.array_equal(other.get(1), labels)
+    rows = other._open()
+    rows[2, :-2] = 5                                     # a write interrupted before its CRC
+    assert other.get(2) is None and cache.get(2) is None
+    rows[1, 3] = 99                                      # a corrupted row
+    assert cache.get(1) is None
+
+
+def test_cache_never_changes_results(tmp_path):
+    """Two epochs with and without the superpixel cache, same seed: identical masks and weights."""
+    with_cache = tiny_args(tmp_path, 'cached')
+    without = tiny_args(tmp_path, 'uncached', '--superpixel-cache', 'none')
+    r2o.main(with_cache)
+    r2o.main(without)
+    a = torch.load(tmp_path / 'cached' / 'checkpoint.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'uncached' / 'checkpoint.pt', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ds_cached = r2o.build_dataset(with_cache)
+    ds_plain = r2o.build_dataset(without)
+    assert ds_cached.cache.path.exists()
+    for i in range(len(ds_plain)):
+        assert ds_cached.cache.get(i) is not None        # filled during training
+        assert torch.equal(ds_cached[(1, i)]['superpixels'], ds_plain[(1, i)]['superpixels'])
+
+
+# ================================ runs: checkpoints, resume, export ================================
+
+def test_checkpoint_loads_weights_only_and_resume_matches_an_uninterrupted_run(tmp_path):
+    r2o.main(tiny_args(tmp_path, 'straight'))
+    r2o.main(tiny_args(tmp_path, 'resumed', '--stop-after', '1'))
+    first = torch.load(tmp_path / 'resumed' / 'checkpoint.pt', weights_only=True)
+    assert first['epoch'] == 1 and not (tmp_path / 'resumed' / 'backbone.pt').exists()
+    assert set(first) >= {'model', 'optimizer', 'epoch', 'step', 'args', 'rng'}
+    assert first['args']['arch'] == 'resnet18'
+    r2o.main(tiny_args(tmp_path, 'resumed'))             # same command again: continues
+    a = torch.load(tmp_path / 'straight' / 'checkpoint.pt', weights_only=True)
+    b = torch.load(tmp_path / 'resumed' / 'checkpoint.pt', weights_only=True)
+    assert a['epoch'] == b['epoch'] == 2 and a['step'] == b['step']
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    log = [json.loads(line) for line in (tmp_path / 'resumed' / 'log.txt').read_text().splitlines()]
+    assert [e['epoch'] for e in log] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / 'straight').glob('masks-epoch*.png')) == \
+        ['masks-epoch0001.png', 'masks-epoch0002.png']
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    r2o.main(tiny_args(tmp_path, 'run', '--stop-after', '1'))
+    with pytest.raises(SystemExit, match='--arch'):
+        r2o.main(tiny_args(tmp_path, 'run', '--arch', 'resnet34'))
+
+
+def test_backbone_loads_into_torchvision_resnet(tmp_path):
+    r2o.main(tiny_args(tmp_path, 'export', '--epochs', '1'))
+    state = torch.load(tmp_path / 'export' / 'backbone.pt', weights_only=True)
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)
+    assert sorted(missing) == ['fc.bias', 'fc.weight'] and unexpected == []
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    r2o.main(tiny_args(tmp_path, 'nan', '--stop-after', '1'))
+    before = (tmp_path / 'nan' / 'checkpoint.pt').read_bytes()
+    monkeypatch.setattr(r2o, 'byol_loss', lambda p, z: (p * float('nan')).sum())
+    with pytest.raises(FloatingPointError, match='last good'):
+        r2o.main(tiny_args(tmp_path, 'nan'))
+    assert (tmp_path / 'nan' / 'checkpoint.pt').read_bytes() == before
+
+
+@pytest.mark.parametrize('schedule', [['--k-schedule', 'none'],
+                                      ['--k-schedule', 'constant', '--k-max', '1']])
+def test_baselines_train(tmp_path, schedule):
+    r2o.main(tiny_args(tmp_path, 'base', '--epochs', '1', *schedule))
+    log = json.loads((tmp_path / 'base' / 'log.txt').read_text())
+    assert math.isfinite(log['loss'])
+    assert log['k'] == ('superpixels' if 'none' in schedule else 1)
+    if 'none' not in schedule:
+        assert log['masks_per_image'] == 1.0             # BYOL: one whole-crop mask per image
+
+
+def test_torchrun_two_processes_keep_identical_weights(tmp_path):
+    out = tmp_path / 'ddp'
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    env['OMP_NUM_THREADS'] = '1'
+    res = run_cli('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
+                  'r2o.py', '--synthetic-images', '32', '--image-size', '32', '--batch-size', '4',
+                  '--epochs', '2', '--superpixels', '12', '--k-max', '8', '--hidden-dim', '64',
+                  '--out-dim', '32', '--workers', '0', '--output-dir', str(out),
+                  '--superpixel-cache', str(tmp_path / 'cache'), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert len(log) == 2
+    assert all(e['rank_param_max_diff'] == 0.0 for e in log)
+    assert log[-1]['images_per_s'] > 0
+    assert (out / 'backbone.pt').exists()

@@ -181,7 +181,7 @@ def downsample_labels(labels, size):
 
 
 def compute_superpixels(image, n_segments, out_size, compactness=10.0, sigma=0.0):
-    """SLIC superpixels of an RGB uint8 image (H x W x 3), returned as out_size x out_size ids.
+    """SLIC superpixels of an RGB image (H x W x 3), returned as out_size x out_size ids.
 
     compactness 10 and sigma 0 are scikit-image's (and the reference's) defaults. On strongly
     textured images they fragment and the connectivity step merges the pieces into a few huge
@@ -336,13 +336,15 @@ class R2ODataset(Dataset):
     """
 
     def __init__(self, image_size=224, n_segments=100, slic_size=None, slic_compactness=10.0,
-                 slic_sigma=0.0, flip_p=0.5, cache_dir=None, seed=0, crop_scale=(0.08, 1.0)):
+                 slic_sigma=0.0, slic_input='rgb', flip_p=0.5, cache_dir=None, seed=0,
+                 crop_scale=(0.08, 1.0)):
         self.image_size = image_size
         self.mask_size = image_size // 4
         self.n_segments = n_segments
         self.slic_size = slic_size or image_size
         self.slic_compactness = slic_compactness
         self.slic_sigma = slic_sigma
+        self.slic_input = slic_input
         self.flip_p = flip_p
         self.crop_scale = tuple(crop_scale)
         self.seed = seed
@@ -360,6 +362,7 @@ class R2ODataset(Dataset):
     def cache_key(self):
         params = dict(n_segments=self.n_segments, slic_size=self.slic_size,
                       compactness=self.slic_compactness, sigma=self.slic_sigma,
+                      input=self.slic_input,
                       mask_size=self.mask_size, version=1)
         h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
         for s in self.identity():
@@ -375,8 +378,10 @@ class R2ODataset(Dataset):
         if labels is None:
             if image is None:
                 image = self.load(index)
-            image = image.resize((self.slic_size, self.slic_size), Image.BICUBIC)
-            labels = compute_superpixels(np.asarray(image), self.n_segments, self.mask_size,
+            image = np.asarray(image.resize((self.slic_size, self.slic_size), Image.BICUBIC))
+            if self.slic_input == 'normalized':      # what the reference code feeds SLIC
+                image = (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+            labels = compute_superpixels(image, self.n_segments, self.mask_size,
                                          self.slic_compactness, self.slic_sigma)
             if self.cache is not None:
                 self.cache.put(index, labels)

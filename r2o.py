@@ -324,9 +324,16 @@ DEMO = dict(arch='resnet18', image_size=64, epochs=8, batch_size=32, superpixels
             workers=2, save_every=4, vis_every=1, print_freq=8, synthetic_images=768)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None (data-dependent: the help text says it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser('R2O pretraining', add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group('data')
     g.add_argument('--data', default='synthetic',
                    help='an image folder (PATH/train is used if it exists: ImageNet; or any folder '
@@ -342,6 +349,9 @@ def get_args_parser(add_help=True):
                         'strong textures fragment SLIC at 10)')
     g.add_argument('--slic-sigma', type=float, default=None,
                    help='SLIC Gaussian pre-smoothing (0; synthetic preset 1)')
+    g.add_argument('--slic-input', default='rgb', choices=['rgb', 'normalized'],
+                   help='what SLIC sees: the RGB image, or (as the reference code) the mean/std '
+                        'normalised one')
     g.add_argument('--slic-size', type=int, default=None,
                    help='run SLIC on the whole image resized to this size (default: --image-size)')
     g.add_argument('--superpixel-cache', default='runs/superpixel-cache',
@@ -655,6 +665,7 @@ def build_dataset(args):
     cache = None if args.superpixel_cache == 'none' else args.superpixel_cache
     common = dict(image_size=args.image_size, n_segments=args.superpixels, slic_size=args.slic_size,
                   slic_compactness=args.slic_compactness, slic_sigma=args.slic_sigma,
+                  slic_input=args.slic_input,
                   flip_p=args.flip_p, cache_dir=cache, seed=args.seed)
     if args.data == 'synthetic':
         return data.SyntheticDataset(n_images=args.synthetic_images,

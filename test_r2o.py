@@ -20,6 +20,7 @@ import data
 import r2o
 
 HERE = Path(__file__).resolve().parent
+torch.set_num_threads(1)   # tiny tensors: extra threads only spin, and stall when cores are busy
 
 
 def tiny_args(tmp_path, name, *extra):

@@ -332,7 +332,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser('R2O pretraining', add_help=add_help,
+    p = argparse.ArgumentParser(description='R2O pretraining', add_help=add_help,
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group('data')
     g.add_argument('--data', default='synthetic',

@@ -17,6 +17,7 @@ import torchvision
 from PIL import Image
 
 import data
+import eval_cub
 import r2o
 
 HERE = Path(__file__).resolve().parent
@@ -477,3 +478,268 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert all(e['rank_param_max_diff'] == 0.0 for e in log)
     assert log[-1]['images_per_s'] > 0
     assert (out / 'backbone.pt').exists()
+
+
+# ================================ eval_cub.py: unsupervised segmentation ================================
+
+def run_eval(*argv):
+    args = eval_cub.get_args_parser().parse_args(
+        ['--workers', '0', '--kmeans-iters', '10', *map(str, argv)])
+    return eval_cub.main(args)
+
+
+# ================================ metrics and foreground rules ================================
+
+def test_perfect_prediction_scores_one():
+    gt = torch.zeros(6, 6, dtype=torch.bool)
+    gt[1:4, 2:5] = True
+    assert eval_cub.iou_metrics(gt.clone(), gt) == dict(fg_iou=1.0, bg_iou=1.0, miou=1.0)
+
+
+def test_all_background_prediction():
+    gt = torch.zeros(4, 4, dtype=torch.bool)
+    gt[:, :1] = True                                   # 4 of 16 pixels are foreground
+    m = eval_cub.iou_metrics(torch.zeros_like(gt), gt)
+    assert m['fg_iou'] == 0.0
+    assert m['bg_iou'] == 12 / 16                      # all 12 background pixels, union 16
+    assert m['miou'] == pytest.approx(0.375)
+
+
+def test_partial_overlaps_exact_values():
+    gt = torch.zeros(4, 4, dtype=torch.bool)
+    gt[:, :2] = True                                   # columns 0-1
+    pred = torch.zeros_like(gt)
+    pred[:, :3] = True                                 # columns 0-2
+    m = eval_cub.iou_metrics(pred, gt)
+    assert m['fg_iou'] == pytest.approx(8 / 12)        # 2 columns shared of 3
+    assert m['bg_iou'] == pytest.approx(4 / 8)         # column 3 shared of columns 2-3
+    assert m['miou'] == pytest.approx((8 / 12 + 4 / 8) / 2)
+    shifted = torch.zeros_like(gt)
+    shifted[:, 1:3] = True                             # columns 1-2: one shared of three
+    m = eval_cub.iou_metrics(shifted, gt)
+    assert m['fg_iou'] == pytest.approx(1 / 3) and m['bg_iou'] == pytest.approx(1 / 3)
+
+
+def test_majority_vote_names_clusters_by_their_majority():
+    clusters = torch.tensor([[0, 0, 1, 1],
+                             [0, 0, 1, 1],
+                             [2, 2, 3, 3],
+                             [2, 2, 3, 3]])
+    gt = torch.tensor([[1, 1, 1, 0],                   # cluster 0: 4/4 fg, cluster 1: 1/4
+                       [1, 1, 0, 0],
+                       [1, 1, 1, 0],                   # cluster 2: 3/4 fg, cluster 3: 2/4 (a tie)
+                       [0, 1, 1, 0]], dtype=torch.bool)
+    fg = eval_cub.majority_vote(clusters, gt)
+    expected = (clusters == 0) | (clusters == 2)       # a tie is not a majority
+    assert torch.equal(fg, expected)
+
+
+def test_majority_vote_recovers_the_truth_from_matching_clusters():
+    gt = torch.zeros(8, 8, dtype=torch.bool)
+    gt[2:6, 3:7] = True
+    clusters = torch.where(gt, 3, 1)                   # ids need not be 0..k-1
+    assert torch.equal(eval_cub.majority_vote(clusters, gt), gt)
+
+
+def test_border_rule_takes_the_clusters_away_from_the_border():
+    clusters = torch.zeros(10, 10, dtype=torch.long)
+    clusters[:, 5:] = 1                                # two background halves
+    clusters[2:5, 2:4] = 2                             # two interior blobs
+    clusters[6:8, 6:8] = 3
+    assert torch.equal(eval_cub.border_rule(clusters), clusters >= 2)
+
+
+def test_border_rule_when_every_cluster_touches_the_border():
+    clusters = torch.zeros(10, 10, dtype=torch.long)  # border share / area share:
+    clusters[:, 8:] = 1                                # (12/36) / (20/100) = 1.67
+    clusters[3:7, 0:3] = 2                             # (4/36) / (12/100) = 0.93
+    clusters[0:6, 4:8] = 3                             # (4/36) / (24/100) = 0.46, the lowest
+    assert torch.equal(eval_cub.border_rule(clusters), clusters == 3)
+
+
+def test_object_separating_features_segment_the_object():
+    # the clustering path end to end on an oracle feature map: superpixels of a picture of a
+    # disc, features that are the disc's one-hot: K=2 must find it at the mask's resolution
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    gt = (yy - 30) ** 2 + (xx - 34) ** 2 < 14 ** 2
+    image = np.where(gt[..., None], [200, 40, 40], [40, 160, 60]).astype(np.uint8)
+    superpixels = torch.from_numpy(data.compute_superpixels(image, 30, size // 4))
+    onehot = torch.stack([torch.from_numpy(~gt), torch.from_numpy(gt)]).float()
+    features = F.avg_pool2d(onehot[None], 16)[0]        # 2 x 4 x 4, like layer3 at 64 px
+    labels = eval_cub.cluster_regions(features, superpixels, 2, 10,
+                                      torch.Generator().manual_seed(0))
+    assert labels.shape == (16, 16)
+    big_gt = torch.from_numpy(np.kron(gt, np.ones((3, 2), bool)))    # a non-square mask
+    clusters = eval_cub.to_resolution(labels, big_gt.shape)
+    assert clusters.shape == big_gt.shape
+    for fg in (eval_cub.majority_vote(clusters, big_gt), eval_cub.border_rule(clusters)):
+        assert eval_cub.iou_metrics(fg, big_gt)['fg_iou'] > 0.8
+
+
+# ================================ reading CUB ================================
+
+NAMES = ['001.Albatross/Albatross_0001.jpg', '001.Albatross/Albatross_0002.jpg',
+         '002.Auklet/Auklet_0001.jpg', '002.Auklet/Auklet_0002.jpg']
+SIZES = [(40, 30), (32, 48), (36, 36), (50, 40)]       # (width, height)
+TRAIN = [1, 0, 0, 1]                                   # images 2 and 3 form the test split
+
+
+def make_cub(root, segmentations_beside=False):
+    """A tiny CUB_200_2011 folder: 4 images (number 3 grayscale) with soft masks whose rings
+    hold exactly 128 (foreground) and 127 (background)."""
+    cub = root / 'CUB_200_2011'
+    seg = (root if segmentations_beside else cub) / 'segmentations'
+    rng = np.random.default_rng(0)
+    for i, (name, (w, h)) in enumerate(zip(NAMES, SIZES)):
+        (cub / 'images' / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(pixels).convert('L') if i == 2 else Image.fromarray(pixels)
+        img.save(cub / 'images' / name)
+        mask = np.zeros((h, w), np.uint8)
+        mask[4:-4, 4:-4] = 127
+        mask[5:-5, 5:-5] = 128
+        mask[8:-8, 8:-8] = 255
+        (seg / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save((seg / name).with_suffix('.png'))
+    (cub / 'images.txt').write_text(''.join(f'{i + 1} {n}\n' for i, n in enumerate(NAMES)))
+    (cub / 'train_test_split.txt').write_text(''.join(f'{i + 1} {t}\n' for i, t in enumerate(TRAIN)))
+    return cub
+
+
+def test_cub_reader_splits_masks_and_grayscale(tmp_path):
+    cub = make_cub(tmp_path)
+    assert [item[0] for item in eval_cub.read_cub(cub, 'test')] == [2, 3]
+    assert [item[0] for item in eval_cub.read_cub(tmp_path, 'all')] == [1, 2, 3, 4]  # parent folder
+    (tmp_path / 'ids.txt').write_text('4\n1\n')
+    items = eval_cub.read_cub(cub, str(tmp_path / 'ids.txt'))
+    assert [item[0] for item in items] == [1, 4]
+
+    mask = eval_cub.load_mask(items[0][2])
+    w, h = SIZES[0]
+    assert mask.shape == (h, w)
+    assert mask[5, 5] and not mask[4, 4]                # 128 is foreground, 127 is not
+    assert mask.sum() == (h - 10) * (w - 10)
+
+    dataset = eval_cub.CUBSet(eval_cub.read_cub(cub, 'test'), input_size=32, n_segments=10)
+    gray = dataset[1]                                   # image 3, grayscale on disk
+    assert gray['image'].shape == (32, 32, 3) and gray['input'].shape == (3, 32, 32)
+    assert gray['superpixels'].shape == (8, 8)
+    assert gray['gt'].shape == (SIZES[2][1], SIZES[2][0])
+
+
+def test_cub_segmentations_beside_the_folder(tmp_path):
+    cub = make_cub(tmp_path, segmentations_beside=True)
+    items = eval_cub.read_cub(cub, 'test')
+    assert items[0][2] == tmp_path / 'segmentations' / Path(NAMES[1]).with_suffix('.png')
+
+
+def test_cub_missing_segmentations_is_one_clear_error(tmp_path):
+    cub = make_cub(tmp_path)
+    (cub / 'segmentations').rename(tmp_path / 'elsewhere')
+    with pytest.raises(data.DataError) as e:
+        eval_cub.read_cub(cub, 'test')
+    message = str(e.value)
+    assert 'segmentations' in message
+    assert str(cub / 'segmentations') in message and str(tmp_path / 'segmentations') in message
+    # and from the command line: one line on stderr, exit status 2
+    out = subprocess.run([sys.executable, 'eval_cub.py', '--colour-baseline', '--data', str(cub)],
+                         cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.startswith('error: ') and 'segmentations' in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cub_missing_image_file_is_reported(tmp_path):
+    cub = make_cub(tmp_path)
+    (cub / 'images' / NAMES[2]).unlink()
+    with pytest.raises(data.DataError, match='Auklet_0001.jpg'):
+        eval_cub.read_cub(cub, 'test')
+
+
+# ================================ encoders ================================
+
+def fake_checkpoint(path):
+    model = r2o.R2O('resnet18', hidden_dim=64, out_dim=32)
+    with torch.no_grad():
+        model.target_encoder.conv1.weight.add_(1.0)     # make the two encoders differ
+    torch.save({'model': model.state_dict(), 'args': {'arch': 'resnet18', 'image_size': 64},
+                'epoch': 1, 'step': 1}, path)
+    return model
+
+
+def test_load_encoder_from_checkpoint_and_backbone(tmp_path):
+    model = fake_checkpoint(tmp_path / 'checkpoint.pt')
+    for which, expected in (('online', model.encoder), ('target', model.target_encoder)):
+        net, info = eval_cub.load_encoder(tmp_path / 'checkpoint.pt', encoder=which)
+        assert torch.equal(net.conv1.weight, expected.conv1.weight)
+        assert info['arch'] == 'resnet18' and info['encoder'] == which and not net.training
+    torch.save(r2o.build_encoder('resnet18').state_dict(), tmp_path / 'backbone.pt')
+    net, info = eval_cub.load_encoder(tmp_path / 'backbone.pt')
+    assert info == dict(kind='backbone', encoder=None, path=str(tmp_path / 'backbone.pt'),
+                        arch='resnet18')
+
+
+@pytest.mark.parametrize('arch', ['resnet34', 'resnet50', 'resnet101'])
+def test_arch_is_read_from_the_weights(arch):
+    state = getattr(torchvision.models, arch)().state_dict()
+    assert eval_cub.infer_arch(state) == arch
+
+
+def test_a_file_that_is_not_ours_is_one_clear_error(tmp_path):
+    not_ours = 'not an R2O checkpoint or torchvision ResNet backbone'
+    (tmp_path / 'notes.pt').write_text('hello')
+    torch.save({'weights': torch.zeros(3)}, tmp_path / 'other.pt')
+    torch.save([torch.zeros(3)], tmp_path / 'list.pt')
+    for name in ('notes.pt', 'other.pt', 'list.pt'):
+        with pytest.raises(data.DataError, match=not_ours):
+            eval_cub.load_encoder(tmp_path / name)
+    with pytest.raises(data.DataError, match='no such file'):
+        eval_cub.load_encoder(tmp_path / 'absent.pt')
+
+
+def test_exactly_one_encoder_choice():
+    parser = eval_cub.get_args_parser()
+    for argv in ([], ['ckpt.pt', '--random-init'], ['--random-init', '--colour-baseline']):
+        with pytest.raises(data.DataError, match='exactly one'):
+            eval_cub.resolve_args(parser.parse_args(argv))
+
+
+# ================================ end to end ================================
+
+def test_end_to_end_on_builtin_images(tmp_path):
+    fake_checkpoint(tmp_path / 'checkpoint.pt')
+    out = tmp_path / 'results.json'
+    run_eval(tmp_path / 'checkpoint.pt', '--limit', 3, '--batch-size', 2, '--input-size', 64,
+             '--out', out, '--save-vis', tmp_path / 'vis', '--vis-count', 2)
+    results = json.loads(out.read_text())
+    assert results['n_images'] == 3
+    assert results['encoder']['kind'] == 'checkpoint' and results['encoder']['arch'] == 'resnet18'
+    assert results['data']['set'] == 'builtin'
+    p = results['protocol']
+    assert (p['input_size'], p['features'], p['regions'], p['k']) == (64, 'layer3', 'superpixels', 5)
+    assert p['superpixels'] == dict(n_segments=24, compactness=30.0, sigma=1.0, computed_at=64,
+                                    stored_at=16)
+    for rule in ('majority', 'label_free'):
+        m = results['metrics'][rule]
+        assert 0 <= m['fg_iou'] <= 1 and 0 <= m['bg_iou'] <= 1
+        assert m['miou'] == pytest.approx((m['fg_iou'] + m['bg_iou']) / 2)
+    assert (tmp_path / 'vis' / 'vis-000.png').is_file()
+
+
+def test_colour_baseline_on_a_cub_folder_and_batch_independence(tmp_path):
+    make_cub(tmp_path)
+    results = [run_eval('--colour-baseline', '--data', tmp_path, '--input-size', 32,
+                        '--superpixels', 10, '--batch-size', b, '--out', tmp_path / f'{b}.json')
+               for b in (1, 2)]
+    assert results[0]['data']['split'] == 'test' and results[0]['n_images'] == 2
+    assert results[0]['encoder'] == dict(kind='colour-baseline')
+    assert results[0]['metrics'] == results[1]['metrics']      # k-means seeded per image
+
+
+def test_grid_regions_with_random_init_layer4(tmp_path):
+    results = run_eval('--random-init', '--limit', 2, '--input-size', 64, '--layer', 'layer4',
+                       '--regions', 'grid', '--k', 3, '--out', tmp_path / 'r.json')
+    assert results['encoder'] == dict(kind='random-init', arch='resnet18', seed=0)
+    assert results['protocol']['feature_grid'] == 2 and results['protocol']['superpixels'] is None
+    assert results['n_images'] == 2

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageFilter
 from skimage.segmentation import slic
 from torch.utils.data import Dataset, Sampler
 
@@ -287,9 +287,9 @@ def color_augment(img, rng, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jit
     if rng.random() < gray_p:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if rng.random() < blur_p:
-        sigma = rng.uniform(0.1, 2.0)
-        kernel = max(3, int(img.size[0] * 0.1) // 2 * 2 + 1)   # 23 at 224, as in BYOL
-        img = TF.gaussian_blur(img, kernel, sigma)
+        # Pillow's blur (radius = sigma, box-filter approximation): ~6x faster on a CPU core
+        # than a 23 x 23 convolution, and the loader is what limits a GPU node
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
     if rng.random() < solarize_p:
         img = TF.solarize(img, 128)
     return img

@@ -1,0 +1,668 @@
+"""What R2O costs over BYOL: the superpixel prior in the loader, the refinement in the step.
+
+Every figure is printed as a ratio against a baseline measured in the same run, next to the
+absolute numbers and the machine. Run it on a quiet machine: it prints how many cores other
+processes kept busy, and warns when that is not about zero.
+
+    python bench.py                      # CPU: about 2 minutes on 2 cores; uses the GPU if any
+    python bench.py --quick              # tiny sizes, a smoke test: ~30 s, mostly importing torch
+                                         # in this process and the 3 memory ones
+    python bench.py --json bench.json    # also save every figure
+
+1. loader work per worker, in this process on one thread (a worker = dataset[(epoch, i)] in a
+   loop): SLIC at the training size for every sample (the reference's way) vs. cached
+   superpixels on a second epoch (ours) vs. no superpixels at all. Real decode: generated
+   scenes saved as JPEG, ImageFolderDataset at 224 with 100 superpixels, as on ImageNet.
+2. one training step (what r2o.train_one_epoch does per batch): R2O with K=128 and K=4 vs. the
+   same model and batch with K=1 (BYOL). CPU: resnet18, 64 px, batch 32, 24 superpixels (the
+   demo preset); GPU: resnet50, 224 px, batch 32, 100 superpixels, bf16 autocast.
+3. r2o.kmeans alone, in ms and as a fraction of the R2O step.
+4. peak memory of a step, R2O vs. BYOL (GPU: max_memory_allocated; CPU: peak RSS of a fresh
+   process per variant).
+5. SLIC on the image resized to 112 instead of 224: time, and how much the 56x56 maps differ.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import skimage
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from skimage.segmentation import find_boundaries
+
+import data
+import r2o
+
+# the training step measured in part 2 (and 3, 4): the demo preset on CPU, the paper's on GPU
+STEP_CPU = dict(arch='resnet18', image_size=64, batch_size=32, superpixels=24)
+STEP_GPU = dict(arch='resnet50', image_size=224, batch_size=32, superpixels=100)
+STEP_QUICK = dict(arch='resnet18', image_size=64, batch_size=8, superpixels=24)
+K_R2O = (128, 4)            # the curriculum's two ends
+BATCH_KEYS = ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('R2O benchmark')
+    p.add_argument('--quick', action='store_true', help='tiny sizes, for a smoke test (figures mean little)')
+    p.add_argument('--json', default=None, help='save every figure to this file')
+    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    p.add_argument('--parts', default='loader,step,kmeans,memory,slic',
+                   help='comma-separated subset of: loader, step, kmeans, memory, slic (all)')
+    p.add_argument('--loader-images', type=int, default=None,
+                   help='JPEG scenes per loader pass (48; quick 3)')
+    p.add_argument('--loader-rounds', type=int, default=None,
+                   help='interleaved passes per loader variant; the best one counts (2; quick 1)')
+    p.add_argument('--slic-images', type=int, default=None, help='scenes for part 5 (50; quick 3)')
+    p.add_argument('--scene-size', type=int, default=400,
+                   help='generated scene side in pixels, 400 (ImageNet photos are about 375x500)')
+    p.add_argument('--steps', type=int, default=None,
+                   help='timed steps per variant, the median counts (8; quick 1)')
+    p.add_argument('--warmup', type=int, default=None, help='untimed steps per variant first (2; quick 1)')
+    p.add_argument('--kmeans-iters', type=int, default=30, help='Lloyd iterations, as r2o.py --kmeans-iters (30)')
+    p.add_argument('--_memory-child', dest='memory_child', type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+# ================================ machine and timing ================================
+
+def machine_info(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, torchvision=torchvision.__version__, numpy=np.__version__,
+                skimage=skimage.__version__, python=platform.python_version(), device=str(device),
+                load_average_at_start=[round(x, 2) for x in os.getloadavg()],
+                busy_cores_at_start=busy_cores())
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    return info
+
+
+def busy_cores(seconds=1.0):
+    """How many cores other processes keep busy, from /proc/stat over `seconds` while this one
+    sleeps (None where there is no /proc/stat). A quiet machine reads about 0."""
+    def read():
+        fields = [int(x) for x in Path('/proc/stat').read_text().split('\n', 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]          # all time, idle + iowait
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round((1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1), 2)
+
+
+def clock(device):
+    """perf_counter after the device's queued work is done (GPU kernels run asynchronously)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def median_ms(fn, reps, device, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = clock(device)
+        fn()
+        times.append((clock(device) - start) * 1000)
+    return statistics.median(times)
+
+
+@contextmanager
+def single_thread():
+    """torch on one thread inside the block: what one loader worker gets."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ================================ part 1: loader work per worker ================================
+
+class NoSuperpixelsDataset(data.ImageFolderDataset):
+    """The same samples with an all-zero superpixel map and no SLIC: the loader's floor."""
+
+    def superpixels(self, index, image=None):
+        return np.zeros((self.mask_size, self.mask_size), np.int64)
+
+
+def write_scenes(folder, n, size):
+    """n generated scenes as JPEG (quality 90) in `folder`, like a folder of photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(data.synthetic_scene(i, size)[0]).save(folder / f'{i:05d}.jpg', quality=90)
+    return folder
+
+
+def loader_pass(dataset, epoch, n):
+    """ms per sample for dataset[(epoch, i)], i < n: one loader worker's work."""
+    start = time.perf_counter()
+    for i in range(n):
+        dataset[(epoch, i)]
+    return (time.perf_counter() - start) * 1000 / n
+
+
+def bench_loader(scenes, cache_dir, n, rounds):
+    common = dict(image_size=224, n_segments=100)
+    reference = data.ImageFolderDataset(scenes, cache_dir=None, **common)
+    cached = data.ImageFolderDataset(scenes, cache_dir=cache_dir, **common)
+    no_superpixels = NoSuperpixelsDataset(scenes, **common)
+    with single_thread():
+        loader_pass(no_superpixels, 0, min(n, 2))                 # import and allocator warm-up
+        first_epoch = loader_pass(cached, 0, n)                    # fills the cache
+        passes = dict(reference=[], cached=[], none=[])
+        for _ in range(rounds):                                    # interleaved: drift hits all
+            passes['reference'].append(loader_pass(reference, 1, n))
+            passes['cached'].append(loader_pass(cached, 1, n))
+            passes['none'].append(loader_pass(no_superpixels, 1, n))
+    ms = {name: min(v) for name, v in passes.items()}              # noise only ever adds time
+    return dict(images=n, rounds=rounds, image_size=224, n_segments=100,
+                ms_per_sample_reference=ms['reference'], ms_per_sample_cached=ms['cached'],
+                ms_per_sample_no_superpixels=ms['none'], ms_per_sample_first_epoch=first_epoch,
+                all_passes_ms=passes,
+                speedup_vs_reference=ms['reference'] / ms['cached'],
+                cached_over_no_superpixels=ms['cached'] / ms['none'])
+
+
+# ================================ part 2: one training step ================================
+
+def step_config(device, quick):
+    cfg = STEP_QUICK if quick else (STEP_GPU if device.type == 'cuda' else STEP_CPU)
+    return dict(cfg)
+
+
+def step_batch(cfg, device):
+    """One batch of generated scenes, as the demo's loader makes it, on the device."""
+    dataset = data.SyntheticDataset(n_images=cfg['batch_size'], scene_size=2 * cfg['image_size'],
+                                    image_size=cfg['image_size'], n_segments=cfg['superpixels'])
+    batch = data.collate([dataset[(0, i)] for i in range(len(dataset))])
+    batch = {name: batch[name].to(device) for name in BATCH_KEYS}
+    if device.type == 'cuda':
+        batch = {name: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                 for name, x in batch.items()}
+    return batch
+
+
+def step_model(cfg, device):
+    """The model and LARS as r2o.main builds them (same seed, so every variant starts equal).
+    lr = 0.3 x batch/256 without the K/16 factor: it changes nothing in the time of a step."""
+    torch.manual_seed(0)
+    model = r2o.R2O(cfg['arch']).to(device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = r2o.LARS(r2o.lars_param_groups(model), weight_decay=1e-6)
+    for group in optimizer.param_groups:
+        group['lr'] = 0.3 * cfg['batch_size'] / 256
+    return model, optimizer
+
+
+def autocast_for(device):
+    if device.type == 'cuda' and torch.cuda.is_bf16_supported():
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(model, optimizer, batch, k, margs, device):
+    """One step as r2o.train_one_epoch takes it; returns ms per phase and the mask pairs used."""
+    t = [clock(device)]
+    with autocast_for(device):
+        masks1, masks2, _ = r2o.masks_for_batch(model, batch, k, margs)
+        t.append(clock(device))
+        loss, n_pairs = model(batch['view1'], batch['view2'], masks1, masks2)
+    loss.item()                                # train_one_epoch reads the loss every step
+    t.append(clock(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.append(clock(device))
+    optimizer.step()
+    r2o.ema_update(model, 0.99)
+    t.append(clock(device))
+    ms = np.diff(t) * 1000
+    return dict(masks=ms[0], forward=ms[1], backward=ms[2], update=ms[3], total=ms.sum()), n_pairs
+
+
+def bench_step(cfg, batch, device, margs, steps, warmup):
+    variants = [*K_R2O, 1]
+    runs = {k: step_model(cfg, device) for k in variants}
+    for _ in range(warmup):
+        for k in variants:
+            train_step(*runs[k], batch, k, margs, device)
+    phases = {k: [] for k in variants}
+    pairs = {k: [] for k in variants}
+    for _ in range(steps):                       # interleaved, so drift hits every variant
+        for k in variants:
+            ms, n_pairs = train_step(*runs[k], batch, k, margs, device)
+            phases[k].append(ms)
+            pairs[k].append(n_pairs)
+    out = dict(config=cfg, steps=steps, warmup=warmup, kmeans_iters=margs.kmeans_iters,
+               bf16=device.type == 'cuda' and torch.cuda.is_bf16_supported(), variants={})
+    for k in variants:
+        med = {name: statistics.median(p[name] for p in phases[k]) for name in phases[k][0]}
+        out['variants'][k] = dict(ms=med, mask_pairs_per_image=statistics.mean(pairs[k]) / cfg['batch_size'],
+                                  all_totals_ms=[round(p['total'], 1) for p in phases[k]])
+    byol = out['variants'][1]['ms']['total']
+    for k in K_R2O:
+        out['variants'][k]['over_byol'] = out['variants'][k]['ms']['total'] / byol
+    out['refinement'] = bench_refinement(runs[K_R2O[0]][0], batch, margs, device, steps)
+    return out, runs[K_R2O[0]][0]
+
+
+@torch.no_grad()
+def bench_refinement(model, batch, margs, device, reps):
+    """The pieces of masks_for_batch one at a time: target layer3 on the raw view, refine
+    (superpixel pooling + k-means + painting), both views' masks."""
+    g = margs.image_size // 32
+    boxes, flips = batch['boxes'], batch['flips']
+    out = {}
+    with autocast_for(device):
+        features = r2o.encoder_features(model.target_encoder, batch['raw'], 'layer3')
+        out['layer3_raw_view'] = median_ms(
+            lambda: r2o.encoder_features(model.target_encoder, batch['raw'], 'layer3'), reps, device)
+        for k in K_R2O:
+            labels = r2o.refine(features, batch['superpixels'], k, margs.kmeans_iters)
+            out[f'refine_k{k}'] = median_ms(
+                lambda: r2o.refine(features, batch['superpixels'], k, margs.kmeans_iters), reps, device)
+            out[f'view_masks_k{k}'] = median_ms(
+                lambda: (r2o.view_masks(labels, boxes[:, 0], flips[:, 0], k, g),
+                         r2o.view_masks(labels, boxes[:, 1], flips[:, 1], k, g)), reps, device)
+    return out
+
+
+# ================================ part 3: k-means alone ================================
+
+@torch.no_grad()
+def pooled_superpixel_features(model, batch, device):
+    """The rows refine() clusters: L2-normalised layer3 features pooled in each superpixel."""
+    with autocast_for(device):
+        features = r2o.encoder_features(model.target_encoder, batch['raw'], 'layer3')
+    pooled, area = r2o.superpixel_pool(features.float(), batch['superpixels'])
+    return F.normalize(pooled[area > 0], dim=1)
+
+
+def bench_kmeans(model, batch, step, device, quick, iters):
+    n_images = 4 if quick else 32
+    torch.manual_seed(0)
+    paper = F.normalize(torch.randn(n_images * 100, 1024, device=device), dim=1)
+    real = pooled_superpixel_features(model, batch, device)
+    cfg = step['config']
+    sizes = {f'paper size: {n_images} images x 100 superpixels, 1024 channels (resnet50 layer3), '
+             'random unit vectors': paper,
+             f'step size: the {real.shape[0]} superpixels of the step\'s {cfg["batch_size"]} images '
+             f'(SLIC n_segments={cfg["superpixels"]}), {real.shape[1]} channels ({cfg["arch"]} layer3), '
+             'real features': real}
+    out = {}
+    for name, x in sizes.items():
+        entry = dict(rows=x.shape[0], dim=x.shape[1], iters=iters)
+        for k in K_R2O:
+            ms = median_ms(lambda: r2o.kmeans(x, k, iters), 1 if quick else 5, device)
+            entry[f'ms_k{k}'] = ms
+            entry[f'fraction_of_r2o_step_k{k}'] = ms / step['variants'][k]['ms']['total']
+        out[name] = entry
+    return out
+
+
+# ================================ part 4: peak memory ================================
+
+def proc_status_kib(field):
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), KiB."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1])
+    raise RuntimeError(f'no {field} in /proc/self/status: the CPU memory figure needs Linux')
+
+
+def reset_hwm():
+    """Reset the process's peak RSS (Linux: write 5 to /proc/self/clear_refs). False if not allowed."""
+    try:
+        Path('/proc/self/clear_refs').write_text('5')
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(k, quick, device, iters):
+    """Runs in a fresh process: how far RSS rises above its resting level during one step."""
+    torch.set_num_threads(1)                   # three of these run at once; memory is per process
+    cfg = step_config(device, quick)
+    margs = argparse.Namespace(image_size=cfg['image_size'], kmeans_iters=iters)
+    batch = step_batch(cfg, device)
+    model, optimizer = step_model(cfg, device)
+    # the first steps allocate the LARS buffers and page in torch's kernels: not the step's cost
+    for _ in range(2):
+        train_step(model, optimizer, batch, k, margs, device)
+    resting = proc_status_kib('VmRSS')
+    exact = reset_hwm()
+    train_step(model, optimizer, batch, k, margs, device)
+    # without clear_refs, ru_maxrss is the whole life's peak: the warm-up steps' peaks count too
+    peak = proc_status_kib('VmHWM') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(k=k, step_peak_growth_mib=(peak - resting) / 1024,
+                          resting_mib=resting / 1024, peak_reset=exact)))
+
+
+def bench_memory_cpu(args, device):
+    flags = ['--device', str(device), '--kmeans-iters', str(args.kmeans_iters)]
+    flags += ['--quick'] if args.quick else []
+    # every block of 64 KiB or more gets its own mmap, so a freed tensor leaves RSS at once and
+    # the peak RSS follows the peak of live tensors (glibc otherwise keeps freed blocks)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    out = dict(method='CPU: a fresh process per variant (1 thread), 2 warm-up steps, then peak RSS '
+                      'during one step (VmHWM after resetting it through /proc/self/clear_refs) minus '
+                      'RSS before it, with MALLOC_MMAP_THRESHOLD_=65536 so that RSS tracks live tensors')
+    procs = {k: subprocess.Popen([sys.executable, os.path.abspath(__file__), '--_memory-child', str(k),
+                                  *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for k in (*K_R2O, 1)}                 # side by side: each process has its own peak
+    for k, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f'memory child K={k} failed:\n{stderr}')
+        out[k] = json.loads(stdout.strip().splitlines()[-1])
+        if not out[k]['peak_reset']:
+            out['method'] += ' (clear_refs refused here: the peak is the process\'s whole-life ru_maxrss)'
+    return out
+
+
+def bench_memory_gpu(cfg, batch, margs, device):
+    out = dict(method='GPU: torch.cuda.max_memory_allocated during one step (after a warm-up '
+                      'step) minus memory_allocated before it (model and LARS buffers: resting)')
+    for k in (*K_R2O, 1):
+        model, optimizer = step_model(cfg, device)
+        train_step(model, optimizer, batch, k, margs, device)   # LARS buffers exist from here on
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        train_step(model, optimizer, batch, k, margs, device)
+        peak = torch.cuda.max_memory_allocated(device)
+        out[k] = dict(k=k, step_peak_growth_mib=(peak - before) / 2**20, peak_mib=peak / 2**20,
+                      resting_mib=before / 2**20)
+        del model, optimizer
+        torch.cuda.empty_cache()
+    return out
+
+
+# ================================ part 5: SLIC at a smaller resize ================================
+
+def near(mask):
+    """Cells within one cell (8-neighbourhood) of a True cell."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.any([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+
+
+def compare_maps(a, b):
+    """How well label map b reproduces label map a (both M x M ids 0..n-1).
+
+    best_iou: for each superpixel of a, its best IoU with a superpixel of b, averaged;
+    covered: fraction of cells lying in their a-superpixel's best match in b;
+    boundary_f: F-score of the two maps' boundary cells, a cell within one cell counting as a hit.
+    """
+    na, nb = int(a.max()) + 1, int(b.max()) + 1
+    inter = np.bincount((a * nb + b).ravel(), minlength=na * nb).reshape(na, nb)
+    union = inter.sum(1)[:, None] + inter.sum(0)[None] - inter
+    iou = inter / np.maximum(union, 1)
+    best = iou.argmax(1)
+    edges_a, edges_b = find_boundaries(a, mode='inner'), find_boundaries(b, mode='inner')
+    recall = (edges_a & near(edges_b)).sum() / max(edges_a.sum(), 1)
+    precision = (edges_b & near(edges_a)).sum() / max(edges_b.sum(), 1)
+    return dict(best_iou=float(iou.max(1).mean()),
+                covered=float(inter[np.arange(na), best].sum() / a.size),
+                boundary_f=float(2 * precision * recall / max(precision + recall, 1e-12)))
+
+
+def grid_map(n, size):
+    """A regular grid of about n cells: the no-image floor for compare_maps."""
+    g = max(1, round(n ** 0.5))
+    idx = np.arange(size) * g // size
+    return idx[:, None] * g + idx[None, :]
+
+
+def bench_slic(scenes, n, n_segments=100, mask_size=56):
+    times = {224: [], 112: []}
+    counts = {224: [], 112: []}
+    scores = dict(slic112=[], grid=[])
+    with single_thread():
+        for path in sorted(scenes.glob('*.jpg'))[:n]:
+            image = data.load_image(path)
+            maps = {}
+            for size in (224, 112):
+                pixels = np.asarray(image.resize((size, size), Image.BICUBIC))   # as the loader does
+                start = time.perf_counter()
+                maps[size] = data.compute_superpixels(pixels, n_segments, mask_size)
+                times[size].append((time.perf_counter() - start) * 1000)
+                counts[size].append(int(maps[size].max()) + 1)
+            scores['slic112'].append(compare_maps(maps[224], maps[112]))
+            scores['grid'].append(compare_maps(maps[224], grid_map(counts[224][-1], mask_size)))
+    mean = lambda rows: {key: statistics.mean(r[key] for r in rows) for key in rows[0]}
+    return dict(images=n, n_segments=n_segments, mask_size=mask_size,
+                ms_224=statistics.mean(times[224]), ms_112=statistics.mean(times[112]),
+                speedup_112=statistics.mean(times[224]) / statistics.mean(times[112]),
+                superpixels_224=statistics.mean(counts[224]), superpixels_112=statistics.mean(counts[112]),
+                agreement_112_vs_224=mean(scores['slic112']), agreement_grid_vs_224=mean(scores['grid']))
+
+
+# ================================ report ================================
+
+def verdict(ok):
+    return 'PASS' if ok else 'FAIL'
+
+
+def summary_rows(res):
+    """(figure, value, baseline, ratio, target, PASS/FAIL or '') rows for the final table."""
+    rows = []
+    if 'loader' in res:
+        L = res['loader']
+        rows.append(('loader/worker: cached, epoch 2', f'{L["ms_per_sample_cached"]:.1f} ms/img',
+                     f'SLIC each time {L["ms_per_sample_reference"]:.1f}',
+                     f'{L["speedup_vs_reference"]:.2f}x faster',
+                     '>= 3.5x', verdict(L['speedup_vs_reference'] >= 3.5)))
+        rows.append(('loader/worker: cached, epoch 2', f'{L["ms_per_sample_cached"]:.1f} ms/img',
+                     f'no superpixels {L["ms_per_sample_no_superpixels"]:.1f}',
+                     f'{L["cached_over_no_superpixels"]:.2f}x', '<= 1.1x',
+                     verdict(L['cached_over_no_superpixels'] <= 1.1)))
+    if 'step' in res:
+        S = res['step']
+        c = S['config']
+        byol = S['variants'][1]['ms']['total']
+        for k in K_R2O:
+            v = S['variants'][k]
+            rows.append((f'step R2O K={k} ({c["arch"]} {c["image_size"]}px b{c["batch_size"]})',
+                         f'{v["ms"]["total"]:.0f} ms', f'BYOL {byol:.0f}', f'{v["over_byol"]:.2f}x',
+                         '<= 1.3x', verdict(v['over_byol'] <= 1.3)))
+    if 'kmeans' in res:
+        for name, entry in res['kmeans'].items():
+            on_step = name.startswith('step size')
+            for k in K_R2O:
+                frac = entry[f'fraction_of_r2o_step_k{k}']
+                step_ms = res['step']['variants'][k]['ms']['total']
+                rows.append((f'kmeans K={k}, {entry["rows"]}x{entry["dim"]}', f'{entry[f"ms_k{k}"]:.1f} ms',
+                             f'R2O step {step_ms:.0f}', f'{100 * frac:.1f}%',
+                             '<= 10%' if on_step else '(info)', verdict(frac <= 0.10) if on_step else ''))
+    if 'memory' in res:
+        M = res['memory']
+        key = 'step_peak_growth_mib'
+        for k in K_R2O:
+            rows.append((f'step peak memory K={k}', f'{M[k][key]:.0f} MiB', f'BYOL {M[1][key]:.0f}',
+                         f'{M[k][key] / max(M[1][key], 1e-9):.2f}x', '(info)', ''))
+    if 'slic' in res:
+        P = res['slic']
+        a, g = P['agreement_112_vs_224'], P['agreement_grid_vs_224']
+        rows.append(('SLIC at 112 vs 224 (time)', f'{P["ms_112"]:.1f} ms', f'224: {P["ms_224"]:.1f}',
+                     f'{P["speedup_112"]:.2f}x faster', '(info)', ''))
+        for key in ('best_iou', 'covered', 'boundary_f'):
+            rows.append((f'SLIC 112 vs 224 maps: {key}', f'{a[key]:.3f}', f'grid: {g[key]:.3f}', '',
+                         '(info)', ''))
+    return rows
+
+
+def print_table(rows):
+    head = ('figure', 'value', 'baseline', 'ratio', 'target', '')
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print('  '.join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+
+
+def real_dim(res):
+    return next(e['dim'] for name, e in res['kmeans'].items() if name.startswith('step size'))
+
+
+def print_details(res):
+    m = res['machine']
+    print(f'machine: {m["cpu"]}, {m["cpu_count"]} cores, torch {m["torch"]} ({m["torch_threads"]} threads), '
+          f'device {m["device"]}{" " + m["gpu"] if "gpu" in m else ""}; cores busy with other processes '
+          f'at start {m["busy_cores_at_start"]}, at end {m["busy_cores_at_end"]} (load average '
+          f'{m["load_average_at_start"][0]}, {m["load_average_at_end"][0]})')
+    if 'loader' in res:
+        L = res['loader']
+        print(f'\n1. loader, one worker (1 thread), {L["images"]} JPEG scenes, 224 px, 100 superpixels, '
+              f'best of {L["rounds"]} interleaved passes, ms/sample:\n'
+              f'   SLIC every sample (reference) {L["ms_per_sample_reference"]:.1f} | cached, epoch 2 (ours) '
+              f'{L["ms_per_sample_cached"]:.1f} | no superpixels {L["ms_per_sample_no_superpixels"]:.1f} | '
+              f'cached, epoch 1 (fills the cache) {L["ms_per_sample_first_epoch"]:.1f}\n'
+              f'   SLIC share of the reference\'s sample: '
+              f'{L["ms_per_sample_reference"] - L["ms_per_sample_no_superpixels"]:.1f} ms')
+    if 'step' in res:
+        S = res['step']
+        c = S['config']
+        print(f'\n2. training step: {c["arch"]}, {c["image_size"]} px, batch {c["batch_size"]}, '
+              f'{c["superpixels"]} superpixels/image, {"bf16 autocast" if S["bf16"] else "fp32"}, '
+              f'kmeans {S["kmeans_iters"]} iters; median of {S["steps"]} steps after {S["warmup"]}, ms:')
+        for k, v in S['variants'].items():
+            ms = v['ms']
+            print(f'   K={k:<4} total {ms["total"]:7.1f} = masks {ms["masks"]:6.1f} + forward '
+                  f'{ms["forward"]:6.1f} + backward {ms["backward"]:6.1f} + LARS/EMA {ms["update"]:6.1f}; '
+                  f'{v["mask_pairs_per_image"]:.1f} mask pairs/image')
+        print('   masks_for_batch piece by piece: ' +
+              ', '.join(f'{name} {ms:.1f}' for name, ms in S['refinement'].items()))
+    if 'kmeans' in res:
+        arch = res['step']['config']['arch']
+        note = ('' if arch == 'resnet50' else f' Part 2 ran {arch}, whose layer3 has '
+                f'{real_dim(res)} channels, not resnet50\'s 1024: the paper-size row is set against '
+                'that smaller step (informative only)')
+        print(f'\n3. r2o.kmeans alone ({res["step"]["kmeans_iters"]} Lloyd iterations, median), ms and '
+              f'fraction of the R2O step of part 2 at the same K. The step-size row is the k-means that '
+              f'step runs, the one the target applies to.{note}')
+        for name, e in res['kmeans'].items():
+            print(f'   {name}: ' + ', '.join(
+                f'K={k} {e[f"ms_k{k}"]:.1f} ms ({100 * e[f"fraction_of_r2o_step_k{k}"]:.1f}%)' for k in K_R2O))
+    if 'memory' in res:
+        M = res['memory']
+        print(f'\n4. peak memory ({M["method"]}), MiB:')
+        for k in (*K_R2O, 1):
+            print(f'   K={k:<4} ' + ', '.join(f'{n} {v:.0f}' for n, v in M[k].items()
+                                         if n not in ('k', 'peak_reset')))
+    if 'slic' in res:
+        P = res['slic']
+        print(f'\n5. SLIC ({P["n_segments"]} segments) on {P["images"]} scenes resized to 224 vs 112, maps at '
+              f'{P["mask_size"]}x{P["mask_size"]}: {P["ms_224"]:.1f} vs {P["ms_112"]:.1f} ms/image, '
+              f'{P["superpixels_224"]:.0f} vs {P["superpixels_112"]:.0f} superpixels/image')
+        for name in ('agreement_112_vs_224', 'agreement_grid_vs_224'):
+            print(f'   {name}: ' + ', '.join(f'{k} {v:.3f}' for k, v in P[name].items()))
+        print('   (best_iou: best IoU of each 224 superpixel with a 112 one, averaged; covered: cells in '
+              'their superpixel\'s best match; boundary_f: boundary F-score, 1-cell tolerance; grid: a '
+              'regular grid with as many cells, the floor)')
+
+
+def main(args):
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if args.memory_child is not None:
+        return memory_child(args.memory_child, args.quick, device, args.kmeans_iters)
+    parts = set(args.parts.split(','))
+    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'slic'}
+    if unknown:
+        raise SystemExit(f'--parts: unknown {", ".join(sorted(unknown))}')
+    if parts & {'kmeans', 'memory'}:
+        parts.add('step')                      # their fractions and batch come from part 2
+    q = args.quick
+    pick = lambda given, full, quick: given if given is not None else (quick if q else full)
+    n_loader, n_slic = pick(args.loader_images, 48, 3), pick(args.slic_images, 50, 3)
+    res = dict(machine=machine_info(device), quick=q)
+    m = res['machine']
+    print(f'R2O benchmark on {m["cpu"]} ({m["cpu_count"]} cores), device {device}, '
+          f'{m["busy_cores_at_start"]} cores busy with other processes', flush=True)
+    start = time.perf_counter()
+    res['part_s'] = {}
+
+    def begin(name):
+        res['part_s'][name] = time.perf_counter()
+        print(f'{name} ...', flush=True)
+
+    def end(name):
+        res['part_s'][name] = round(time.perf_counter() - res['part_s'][name], 1)
+
+    with tempfile.TemporaryDirectory(prefix='r2o-bench-') as tmp:
+        tmp = Path(tmp)
+        if parts & {'loader', 'slic'}:
+            begin('0. writing scenes')
+            scenes = write_scenes(tmp / 'scenes', max(n_loader if 'loader' in parts else 0,
+                                                      n_slic if 'slic' in parts else 0), args.scene_size)
+            end('0. writing scenes')
+        if 'loader' in parts:
+            begin('1. loader')
+            res['loader'] = bench_loader(scenes, tmp / 'cache', n_loader, pick(args.loader_rounds, 2, 1))
+            end('1. loader')
+        if 'step' in parts:
+            begin('2. training step')
+            cfg = step_config(device, q)
+            margs = argparse.Namespace(image_size=cfg['image_size'], kmeans_iters=args.kmeans_iters)
+            batch = step_batch(cfg, device)
+            res['step'], model = bench_step(cfg, batch, device, margs, pick(args.steps, 8, 1),
+                                            pick(args.warmup, 2, 1))
+            end('2. training step')
+        if 'kmeans' in parts:
+            begin('3. k-means')
+            res['kmeans'] = bench_kmeans(model, batch, res['step'], device, q, args.kmeans_iters)
+            end('3. k-means')
+        if 'memory' in parts:
+            begin('4. memory')
+            del model
+            res['memory'] = (bench_memory_gpu(cfg, batch, margs, device) if device.type == 'cuda'
+                             else bench_memory_cpu(args, device))
+            end('4. memory')
+        if 'slic' in parts:
+            begin('5. SLIC at 112')
+            res['slic'] = bench_slic(scenes, n_slic)
+            end('5. SLIC at 112')
+    res['machine']['load_average_at_end'] = [round(x, 2) for x in os.getloadavg()]
+    res['machine']['busy_cores_at_end'] = busy_cores()
+    res['wall_s'] = round(time.perf_counter() - start, 1)
+    print()
+    print_details(res)
+    rows = summary_rows(res)
+    res['table'] = [dict(zip(('figure', 'value', 'baseline', 'ratio', 'target', 'verdict'), r)) for r in rows]
+    print(f'\nsummary ({res["wall_s"]} s: ' + ', '.join(f'{n} {t} s' for n, t in res['part_s'].items()) +
+          f'){"; --quick: sizes too small to mean much" if q else ""}:')
+    print_table(rows)
+    busy = [m[key] for key in ('busy_cores_at_start', 'busy_cores_at_end') if m[key] is not None]
+    if busy and max(busy) > 0.2:
+        print(f'warning: other processes kept {max(busy)} cores busy: the timings are inflated and '
+              'noisy; run again on a quiet machine')
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=float) + '\n')
+        print(f'figures saved to {args.json}')
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

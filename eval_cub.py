@@ -25,7 +25,6 @@ The CUB folder is CUB_200_2011/ from CUB_200_2011.tgz (images.txt, train_test_sp
 images/) with segmentations/ from the separate segmentations.tgz unpacked inside it or beside it.
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -56,7 +55,7 @@ CUB = dict(arch=r2o.PAPER['arch'], input_size=r2o.PAPER['image_size'],
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser(description='R2O unsupervised object segmentation (CUB-200-2011)',
                                 add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=r2o.HelpFormatter)
     g = p.add_argument_group('what to evaluate (one of)')
     g.add_argument('checkpoint', nargs='?', default=None,
                    help="a training checkpoint.pt or an exported backbone.pt (a torchvision ResNet "
@@ -443,10 +442,6 @@ def save_vis(rows, path, title, size=128):
 
 # ================================ main ================================
 
-def fmt_time(seconds):
-    return str(datetime.timedelta(seconds=int(seconds)))
-
-
 def describe(args, encoder_info, data_info):
     """The protocol as a dict: every choice that changes the numbers."""
     colour = args.colour_baseline
@@ -558,14 +553,14 @@ def main(args):
             print(f'[{seen:>{len(str(len(dataset)))}}/{len(dataset)}] '
                   + ' | '.join(f'{rule} mIoU {sums[rule]["miou"] / seen:.3f} '
                                f'fg {sums[rule]["fg_iou"] / seen:.3f}' for rule in rules)
-                  + f' | {seen / elapsed:.1f} img/s, eta {fmt_time(eta)}', flush=True)
+                  + f' | {seen / elapsed:.1f} img/s, eta {r2o.fmt_time(eta)}', flush=True)
     elapsed = time.time() - start
 
     # ===== results =====
     metrics = {rule: {k: v / seen for k, v in sums[rule].items()} for rule in rules}
     results.update(metrics=metrics, n_images=seen, time_s=round(elapsed, 1),
                    args={k: v for k, v in sorted(vars(args).items())})
-    print(f'\n{seen} images, {fmt_time(elapsed)}              fg IoU   bg IoU   mIoU')
+    print(f'\n{seen} images, {r2o.fmt_time(elapsed)}              fg IoU   bg IoU   mIoU')
     for rule, name in (('majority', 'majority vote (uses labels)'),
                        ('label_free', 'label-free (border rule)')):
         m = metrics[rule]

@@ -99,19 +99,21 @@ def kmeans(x, k, iters=30, generator=None):
     sq = (x * x).sum(1)
 
     def sq_dist(c):                                      # N x k squared distances, by matmul
-        return (sq[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).clamp_min(0)
+        return (sq[:, None] - 2 * (x @ c.T) + (c * c).sum(1)[None]).clamp_min(0)
 
     # k-means++: each new centre drawn with probability proportional to D(x)^2 (the one
-    # sequential part: k draws, each one matrix-vector product over all points)
-    first = torch.randint(n, (1,), device=x.device, generator=generator)
-    centroids = x.new_empty(k, x.shape[1])
-    centroids[0] = x[first[0]]
-    closest = sq_dist(centroids[:1])[:, 0]
+    # sequential part: k draws by inverse CDF, each one matrix-vector product; no host sync)
+    u = torch.rand(k, device=x.device, generator=generator)
+    pick = (u[:1] * n).long().clamp_(max=n - 1)
+    picks = [pick]
+    closest = (sq + sq[pick] - 2 * (x @ x.index_select(0, pick)[0])).clamp_min(0)
     for j in range(1, k):
-        probs = closest + 1e-12                          # all-equal points: uniform choice
-        pick = torch.multinomial(probs, 1, generator=generator)
-        centroids[j] = x[pick[0]]
-        closest = torch.minimum(closest, sq_dist(centroids[j:j + 1])[:, 0])
+        cdf = closest.cumsum(0)
+        pick = torch.searchsorted(cdf, u[j:j + 1] * cdf[-1], right=True).clamp_(max=n - 1)
+        picks.append(pick)
+        d = (sq + sq[pick] - 2 * (x @ x.index_select(0, pick)[0])).clamp_min(0)
+        closest = torch.minimum(closest, d)
+    centroids = x.index_select(0, torch.cat(picks))
 
     for _ in range(iters):
         d = sq_dist(centroids)

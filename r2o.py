@@ -167,8 +167,9 @@ def view_masks(labels, boxes, flips, k, out_size):
 
 def mask_pool(features, masks):
     """Average of B x C x h x w features under each of B x K x hw soft masks -> B x K x C."""
-    area = masks.sum(-1, keepdim=True)
-    return (masks.to(features.dtype) @ features.flatten(2).transpose(1, 2)) / area.clamp_min(1e-6).to(features.dtype)
+    masks = masks.to(features.dtype)
+    area = masks.sum(-1, keepdim=True).clamp_min(1e-6)
+    return (masks @ features.flatten(2).transpose(1, 2)) / area
 
 
 def mask_overlap(masks1, masks2, min_area=0.01):
@@ -324,7 +325,7 @@ PAPER = dict(arch='resnet50', image_size=224, epochs=300, batch_size=32, lr=0.3,
              warmup_epochs=3, workers=8, save_every=25, vis_every=10, print_freq=50)
 DEMO = dict(arch='resnet18', image_size=64, epochs=8, batch_size=32, lr=2.4, superpixels=24,
             slic_compactness=30.0, slic_sigma=1.0, k_max=32, k_min=4, warmup_epochs=1,
-            workers=2, save_every=4, vis_every=1, print_freq=8, synthetic_images=768)
+            workers=2, save_every=4, vis_every=1, print_freq=8, synthetic_images=640)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -342,7 +343,7 @@ def get_args_parser(add_help=True):
                    help='an image folder (PATH/train is used if it exists: ImageNet; or any folder '
                         'of images, searched recursively: COCO), or "synthetic" for generated scenes')
     g.add_argument('--synthetic-images', type=int, default=None,
-                   help='number of generated scenes per epoch with --data synthetic (preset 768)')
+                   help='number of generated scenes per epoch with --data synthetic (preset 640)')
     g.add_argument('--image-size', type=int, default=None,
                    help='training resolution (224; synthetic preset 64). Masks live at image-size/4')
     g.add_argument('--superpixels', type=int, default=None,

@@ -3,7 +3,7 @@
 BYOL with mask pooling, where the masks are re-derived every step by clustering superpixels
 with the target encoder's own features, and the number of clusters K shrinks over training.
 
-Try it (CPU, no data, about 5 minutes; writes runs/synthetic-cosine/):
+Try it (CPU, no data, about 4 minutes on 2 cores; writes runs/synthetic-cosine/):
     python r2o.py
 One GPU:
     python r2o.py --data /path/to/imagenet
@@ -319,7 +319,7 @@ def lars_param_groups(module):
 # ================================ arguments ================================
 
 # Defaults that depend on the data: the paper's settings for a real dataset, a small preset for
-# the built-in generated scenes (about 5 minutes on 2 CPU cores). A flag given explicitly wins.
+# the built-in generated scenes (about 4 minutes on 2 CPU cores). A flag given explicitly wins.
 PAPER = dict(arch='resnet50', image_size=224, epochs=300, batch_size=32, lr=0.3,
              superpixels=100, slic_compactness=10.0, slic_sigma=0.0, k_max=128, k_min=4,
              warmup_epochs=3, workers=8, save_every=25, vis_every=10, print_freq=50)
@@ -391,7 +391,7 @@ def get_args_parser(add_help=True):
                         'this fixed and scale the number of GPUs')
     g.add_argument('--lr', type=float, default=None,
                    help='base learning rate for a global batch of 256, scaled linearly (0.3; '
-                        'synthetic preset 2.4: its ~190 steps at batch 32 barely move LARS-scaled '
+                        'synthetic preset 2.4: its 160 steps at batch 32 barely move LARS-scaled '
                         'weights at 0.3)')
     g.add_argument('--lr-k-scale', action=argparse.BooleanOptionalAction, default=True,
                    help='multiply the lr by K/16 with the epoch\'s K (the reference\'s default)')

@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageDraw
+from skimage.segmentation import find_boundaries
 from torchvision.ops import roi_align
 
 import data
@@ -533,8 +535,6 @@ def colorize(labels, size):
 
 def mask_picture(images, superpixels, labels, path, title, scale=3):
     """PNG grid: one row per image: image | superpixels | refined masks (over the image)."""
-    from PIL import Image, ImageDraw
-    from skimage.segmentation import find_boundaries
     size = images[0].shape[0] * scale
     rows = []
     for img, sp, lab in zip(images, superpixels, labels):

@@ -157,45 +157,67 @@ def view_masks(labels, boxes, flips, k, out_size):
 
     labels: B x M x M ints in [0, k); boxes: B x 4 (x0, y0, x1, y1) normalised to the whole
     image; flips: B bools. Returns B x k x out_size^2; at every cell the k values sum to 1.
+    roi_align with an adaptive sampling ratio (the reference's) and aligned=True: each cell holds
+    the fraction of it that each cluster covers (the reference's aligned=False shifts the masks
+    by half a cell).
     """
     B, M, _ = labels.shape
     onehot = F.one_hot(labels, k).permute(0, 3, 1, 2).float()                  # B k M M
     rois = torch.cat([torch.arange(B, device=labels.device, dtype=torch.float32)[:, None],
                       boxes.float() * M], 1)
-    masks = roi_align(onehot, rois, out_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    masks = roi_align(onehot, rois, out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     masks = torch.where(flips[:, None, None, None], masks.flip(-1), masks)
     return masks.flatten(2)
 
 
-def mask_pool(features, masks):
-    """Average of B x C x h x w features under each of B x K x hw soft masks -> B x K x C."""
+def mask_pool(features, masks, min_area=1.0):
+    """Features B x C x h x w pooled under soft masks B x K x hw -> B x K x C.
+
+    The feature sum under each mask divided by max(area, min_area), area in feature cells.
+    min_area=1 is the reference's: a mask smaller than one cell is summed, not averaged, and an
+    empty mask pools to a zero row. A tiny min_area gives the plain masked average.
+    """
     masks = masks.to(features.dtype)
-    area = masks.sum(-1, keepdim=True).clamp_min(1e-6)
+    area = masks.sum(-1, keepdim=True).clamp_min(min_area)
     return (masks @ features.flatten(2).transpose(1, 2)) / area
 
 
-def mask_overlap(masks1, masks2, min_area=0.01):
-    """The overlap indicator: B x K bools, True where a mask covers more than `min_area`
-    (a fraction of the view) in both views. Only these (image, mask) pairs enter the loss."""
-    return (masks1.mean(-1) > min_area) & (masks2.mean(-1) > min_area)
+def mask_overlap(masks1, masks2, min_area=1e-3):
+    """The overlap indicator: B x K bools, True where a mask's area (the sum of its cells, in
+    feature cells) exceeds `min_area` in both views. Only these (image, mask) pairs enter the
+    loss. 1e-3 is the reference's: any trace of the mask in both views."""
+    return (masks1.sum(-1) > min_area) & (masks2.sum(-1) > min_area)
 
 
-def byol_loss(prediction, target):
-    """BYOL's regression loss 2 - 2 cos(prediction, target), averaged over rows (N x D)."""
+def byol_loss(prediction, target, weight=None):
+    """BYOL's regression loss 2 - 2 cos(prediction, target) over rows (N x D): the mean, or the
+    mean over the rows where `weight` (N,) is 1 when a 0/1 weight is given."""
     p = F.normalize(prediction.float(), dim=-1)
     z = F.normalize(target.float(), dim=-1)
-    return (2 - 2 * (p * z).sum(-1)).mean()
+    loss = 2 - 2 * (p * z).sum(-1)
+    if weight is None:
+        return loss.mean()
+    return (loss * weight).sum() / weight.sum().clamp_min(1)
 
 
 class R2O(nn.Module):
     """Online encoder + projector + predictor, and the target (EMA) encoder + projector.
 
-    forward(view1, view2, masks1, masks2) returns the symmetrised mask-level BYOL loss over the
-    (image, mask) pairs present in both views, and the number of such pairs.
+    forward(view1, view2, masks1, masks2) returns the mask-level BYOL loss, (L12 + L21) / 2 with
+    each term the mean over the (image, mask) pairs present in both views, and the number of
+    such pairs (a tensor: reading it would wait for the GPU).
+
+    head_rows: 'all' (the reference) sends every pooled row, empty masks included, through the
+    projector and predictor, so their BatchNorm statistics see the empty rows, and masks the
+    loss afterwards; 'overlap' sends only the pairs present in both views.
+    pool_min_area: see mask_pool (1, the reference's; 1e-6 for the plain average).
     """
 
-    def __init__(self, arch='resnet50', hidden_dim=4096, out_dim=256, min_mask_area=0.01):
+    def __init__(self, arch='resnet50', hidden_dim=4096, out_dim=256, min_mask_area=1e-3,
+                 head_rows='all', pool_min_area=1.0):
         super().__init__()
+        if head_rows not in ('all', 'overlap'):
+            raise ValueError(f'unknown head_rows {head_rows}')
         self.encoder = build_encoder(arch)
         dim = feature_dim(self.encoder)
         self.projector = mlp(dim, hidden_dim, out_dim)
@@ -203,6 +225,8 @@ class R2O(nn.Module):
         self.target_encoder = build_encoder(arch)
         self.target_projector = mlp(dim, hidden_dim, out_dim)
         self.min_mask_area = min_mask_area
+        self.head_rows = head_rows
+        self.pool_min_area = pool_min_area
         for online, target in self.online_target_pairs():
             target.load_state_dict(online.state_dict())
             target.requires_grad_(False)
@@ -211,27 +235,32 @@ class R2O(nn.Module):
         return ((self.encoder, self.target_encoder), (self.projector, self.target_projector))
 
     def forward(self, view1, view2, masks1, masks2):
-        B = view1.shape[0]
-        pairs = mask_overlap(masks1, masks2, self.min_mask_area).nonzero(as_tuple=True)
-        views = torch.cat([view1, view2])
+        valid = mask_overlap(masks1, masks2, self.min_mask_area)               # B x K
+        views, masks = torch.cat([view1, view2]), torch.cat([masks1, masks2])
+        rows = valid.repeat(2, 1) if self.head_rows == 'overlap' else None
 
         def embed(encoder, projector):        # both views together, as one batch for BatchNorm
-            f = encoder_features(encoder, views)
-            h = torch.cat([mask_pool(f[:B], masks1)[pairs], mask_pool(f[B:], masks2)[pairs]])
-            return projector(h)                 # the projector only sees masks in both views
+            pooled = mask_pool(encoder_features(encoder, views), masks, self.pool_min_area)
+            return projector(pooled[rows] if rows is not None else pooled.flatten(0, 1))
 
         p1, p2 = self.predictor(embed(self.encoder, self.projector)).chunk(2)
         with torch.no_grad():
             z1, z2 = embed(self.target_encoder, self.target_projector).chunk(2)
-        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        return loss, pairs[0].numel()
+        weight = None if rows is not None else valid.flatten().float()
+        loss = (byol_loss(p1, z2, weight) + byol_loss(p2, z1, weight)) / 2
+        return loss, valid.sum()
 
 
 @torch.no_grad()
-def ema_update(model, momentum):
-    """target = momentum * target + (1 - momentum) * online, for weights and BN statistics."""
+def ema_update(model, momentum, buffers=False):
+    """target = momentum * target + (1 - momentum) * online, over the parameters (the
+    reference's); with buffers=True also over the BatchNorm running statistics (the target's
+    own are otherwise those of its forward passes)."""
     for online, target in model.online_target_pairs():
-        pairs = list(zip(target.state_dict().values(), online.state_dict().values()))
+        if buffers:
+            pairs = list(zip(target.state_dict().values(), online.state_dict().values()))
+        else:
+            pairs = list(zip(target.parameters(), online.parameters()))
         floats = [(t, o) for t, o in pairs if t.dtype.is_floating_point]
         torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1 - momentum)
         for t, o in pairs:
@@ -276,8 +305,15 @@ def ema_momentum(step, total_steps, base=0.99):
 # ================================ optimizer ================================
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al.) with SGD momentum. Parameter groups with lars_exclude=True (biases and
-    BatchNorm) get plain SGD momentum: no trust ratio and no weight decay."""
+    """LARS (You et al.) with SGD momentum, as the reference computes it: the learning rate and
+    the trust ratio go into the momentum buffer,
+
+        buf = momentum * buf + lr * trust * (grad + weight_decay * w),   w -= buf,
+        trust = trust_coefficient * |w| / (|grad| + weight_decay * |w|),
+
+    so a change of lr (warmup, the K/16 scaling) acts on new gradients only. Groups with
+    lars_exclude=True (biases and BatchNorm) take buf = momentum * buf + lr * grad: no trust
+    ratio, no weight decay. All tensors of a group are updated together (torch._foreach)."""
 
     def __init__(self, params, lr=0.0, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -286,22 +322,31 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for g in self.param_groups:
-            for p in g['params']:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if not g['lars_exclude']:
-                    update = update.add(p, alpha=g['weight_decay'])
-                    p_norm, u_norm = torch.norm(p), torch.norm(update)
-                    trust = torch.where((p_norm > 0) & (u_norm > 0),
-                                        g['trust_coefficient'] * p_norm / u_norm,
-                                        torch.ones_like(p_norm))
-                    update = update.mul(trust)
+            params = [p for p in g['params'] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
                 state = self.state[p]
-                if 'mu' not in state:
-                    state['mu'] = torch.zeros_like(p)
-                mu = state['mu'].mul_(g['momentum']).add_(update)
-                p.add_(mu, alpha=-g['lr'])
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p)
+                bufs.append(state['momentum_buffer'])
+            if g['lars_exclude']:
+                updates = torch._foreach_mul(grads, g['lr'])
+            else:
+                wd = g['weight_decay']
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                # a zero weight or gradient (never at init) takes a plain step instead of 0/0
+                trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                    g['trust_coefficient'] * w_norm / (g_norm + wd * w_norm),
+                                    torch.ones_like(w_norm))
+                updates = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_mul_(updates, list((trust * g['lr']).unbind()))
+            torch._foreach_mul_(bufs, g['momentum'])
+            torch._foreach_add_(bufs, updates)
+            torch._foreach_sub_(params, bufs)
 
 
 def lars_param_groups(module):
@@ -373,9 +418,17 @@ def get_args_parser(add_help=True):
     g.add_argument('--arch', default=None, help='resnet18/34/50/101/152 (resnet50; preset resnet18)')
     g.add_argument('--hidden-dim', type=int, default=4096, help='projector/predictor hidden size')
     g.add_argument('--out-dim', type=int, default=256, help='projection size')
-    g.add_argument('--min-mask-area', type=float, default=0.01,
-                   help='a mask counts as present in a view above this fraction of the view; only '
-                        'masks present in both views enter the loss')
+    g.add_argument('--min-mask-area', type=float, default=1e-3,
+                   help='a mask counts as present in a view when its area, in final feature cells '
+                        '(7 x 7 = 49 at 224 px), exceeds this; only masks present in both views '
+                        'enter the loss (the reference\'s 1e-3: any trace of the mask)')
+    g.add_argument('--head-rows', default='all', choices=['all', 'overlap'],
+                   help='which pooled masks go through projector and predictor: all of them, empty '
+                        'ones as zero rows, the loss masked afterwards (the reference: BatchNorm '
+                        'statistics include the empty rows), or only the pairs present in both views')
+    g.add_argument('--mask-pool', default='reference', choices=['reference', 'average'],
+                   help='pool a mask\'s features as their sum / max(area, 1 cell) (the reference: '
+                        'masks under one cell are summed) or as the masked average')
 
     g = p.add_argument_group('masks and the K curriculum')
     g.add_argument('--k-schedule', default='cosine', choices=['cosine', 'linear', 'constant', 'none'],
@@ -385,6 +438,10 @@ def get_args_parser(add_help=True):
     g.add_argument('--k-min', type=int, default=None, help='K at the end (4)')
     g.add_argument('--kmeans-iters', type=int, default=30,
                    help='Lloyd iterations per step, fixed (the reference runs to convergence, cap 200)')
+    g.add_argument('--cluster-batch', type=int, default=None,
+                   help='refine each group of this many images on its own (default: the whole '
+                        'per-GPU batch). The paper clusters 32 images per GPU: with a larger '
+                        '--batch-size on a large GPU, --cluster-batch 32 keeps that')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=None, help='epochs (300; preset 8)')
@@ -400,6 +457,10 @@ def get_args_parser(add_help=True):
     g.add_argument('--warmup-epochs', type=float, default=None, help='linear lr warmup (3; preset 1)')
     g.add_argument('--weight-decay', type=float, default=1e-6, help='LARS weight decay')
     g.add_argument('--ema', type=float, default=0.99, help='target EMA momentum at the start (-> 1)')
+    g.add_argument('--ema-buffers', action='store_true',
+                   help='also average the BatchNorm running statistics into the target (the '
+                        'reference averages parameters only; its target keeps the statistics of '
+                        'its own forward passes). Matters for eval_cub.py --encoder target')
 
     g = p.add_argument_group('run')
     g.add_argument('--output-dir', default=None,
@@ -433,8 +494,14 @@ def resolve_args(args):
         sched = args.k_schedule + (str(args.k_max) if args.k_schedule == 'constant' else '')
         args.output_dir = str(Path('runs') / f'{name}-{sched}')
     if args.image_size % 32:
-        raise SystemExit(f'--image-size must be a multiple of 32 (got {args.image_size})')
+        raise data.DataError(f'--image-size must be a multiple of 32 (got {args.image_size})')
     return args
+
+
+def build_model(args):
+    pool_min_area = 1.0 if args.mask_pool == 'reference' else 1e-6
+    return R2O(args.arch, args.hidden_dim, args.out_dim, args.min_mask_area, args.head_rows,
+               pool_min_area)
 
 
 # ================================ distributed ================================
@@ -475,37 +542,33 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def rng_state(device):
-    state = dict(cpu=torch.get_rng_state())
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state['cpu'])
-    if device.type == 'cuda' and 'cuda' in state:
-        torch.cuda.set_rng_state(state['cuda'], device)
-
-
 MUST_MATCH = ('data', 'arch', 'image_size', 'superpixels', 'slic_compactness', 'k_schedule',
-              'k_max', 'k_min', 'epochs', 'batch_size', 'hidden_dim', 'out_dim')
+              'k_max', 'k_min', 'epochs', 'batch_size', 'hidden_dim', 'out_dim', 'head_rows',
+              'mask_pool', 'min_mask_area', 'cluster_batch')
 
 
-def load_checkpoint(path, model, optimizer, args, rank, device):
-    """Restore model, optimizer and this rank's RNG; returns (epochs done, steps done)."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'args' not in ckpt:
-        raise SystemExit(f'{path} is not an R2O training checkpoint')
+def load_checkpoint(path, model, optimizer, args):
+    """Restore model and optimizer; returns (epochs done, steps done). Nothing else is needed
+    to continue exactly: every random draw of a step depends on (seed, epoch, step) alone.
+
+    A file that cannot be read, or was made with other settings, stops the run with one line."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign: all mean "unreadable"
+        kept = sorted(Path(path).parent.glob('checkpoint-epoch*.pt'))
+        hint = (f'continue from a kept one with --resume ({", ".join(map(str, kept))})' if kept
+                else 'no kept checkpoint-epochNNNN.pt is there to continue from')
+        raise data.DataError(f'{path} cannot be read ({type(e).__name__}: damaged or truncated?). '
+                             f'Start afresh with another --output-dir, or {hint}') from None
+    if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'args', 'epoch'} <= set(ckpt):
+        raise data.DataError(f'{path} is not an R2O training checkpoint')
     differ = [f'--{k.replace("_", "-")} {ckpt["args"].get(k)} (now {getattr(args, k)})'
               for k in MUST_MATCH if ckpt['args'].get(k) != getattr(args, k)]
     if differ:
-        raise SystemExit(f'{path} was made with other settings: {", ".join(differ)}. '
-                         'Give the same flags, or another --output-dir to start afresh.')
+        raise data.DataError(f'{path} was made with other settings: {", ".join(differ)}. '
+                             'Give the same flags, or another --output-dir to start afresh.')
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
-    states = ckpt['rng']
-    set_rng_state(states[rank] if rank < len(states) else states[0], device)
     return ckpt['epoch'], ckpt['step']
 
 
@@ -574,17 +637,32 @@ def visualize(model, vis, k, args, device, path, title):
 
 # ================================ one epoch ================================
 
-def masks_for_batch(model, batch, k, args):
+def step_generator(args, rank, step, device):
+    """The generator for one step's k-means seeding, seeded by (seed, rank, step) alone: a
+    resumed run draws exactly what an uninterrupted one would, whatever the process (loader
+    workers, earlier epochs) drew from the global random streams before."""
+    return torch.Generator(device=device).manual_seed(
+        (args.seed * 1_000_003 + rank) * 1_000_000_007 + step)
+
+
+def masks_for_batch(model, batch, k, args, generator=None):
     """Both views' soft masks for a batch: refine (k a number), superpixels (k None) or whole
-    crops (k == 1). Returns masks1, masks2 (B x K x g^2) and K."""
+    crops (k == 1). Returns masks1, masks2 (B x K x g^2) and K.
+
+    With args.cluster_batch smaller than the batch, each group of that many images is refined
+    on its own (its own target-encoder forward and k-means): a large per-GPU batch keeps the
+    clustering statistics of the paper's 32 images per GPU."""
     sp = batch['superpixels']
     if k is None:
-        labels, k = sp, int(sp.max()) + 1
+        labels, k = sp, batch['n_superpixels']
     elif k == 1:
         labels = torch.zeros_like(sp)          # one mask = the whole crop: plain BYOL
     else:
-        features = encoder_features(model.target_encoder, batch['raw'], 'layer3')
-        labels = refine(features, sp, k, args.kmeans_iters)
+        group = args.cluster_batch or sp.shape[0]
+        labels = torch.cat([
+            refine(encoder_features(model.target_encoder, raw, 'layer3'), s, k, args.kmeans_iters,
+                   generator)
+            for raw, s in zip(batch['raw'].split(group), sp.split(group))])
     g = args.image_size // 32                  # final feature map size (7 at 224)
     boxes, flips = batch['boxes'], batch['flips']
     return (view_masks(labels, boxes[:, 0], flips[:, 0], k, g),
@@ -593,44 +671,43 @@ def masks_for_batch(model, batch, k, args):
 
 def train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run):
     """One pass over the loader. `run` holds the run-wide constants (device, sizes, schedules).
-    Returns a dict of epoch statistics."""
+    Returns the step count and a dict of epoch statistics.
+
+    Loss and mask counts add up on the device and are read only for a progress line, so the
+    host never waits for the GPU within a step; a non-finite loss is caught there, before the
+    epoch's checkpoint is written."""
     device = run['device']
     k = k_schedule(epoch + 1, args.epochs, args.k_schedule, args.k_max, args.k_min)
     lr_scale = k / 16 if (args.lr_k_scale and k is not None) else 1.0
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if run['bf16'] else nullcontext())
     model.train()
     n_steps = len(loader)
-    loss_sum, pairs_sum, seen, bad = 0.0, 0, 0, []
+    sums = torch.zeros(2, dtype=torch.float64, device=device)     # loss, mask pairs
+    seen, bad, checked = 0, [], 0
     start = time.time()
     for it, batch in enumerate(loader):
         lr = learning_rate(step, run['total_steps'], run['warmup_steps'], run['base_lr']) * lr_scale
         momentum = ema_momentum(step, run['total_steps'], args.ema)
         for group in optimizer.param_groups:
             group['lr'] = lr
+        batch['n_superpixels'] = int(batch['superpixels'].max()) + 1   # on the host: no sync
         for name in ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips'):
             batch[name] = batch[name].to(device, non_blocking=True)
             if run['channels_last'] and batch[name].dim() == 4:
                 batch[name] = batch[name].contiguous(memory_format=torch.channels_last)
 
         with autocast:
-            masks1, masks2, k_used = masks_for_batch(model, batch, k, args)
+            masks1, masks2, k_used = masks_for_batch(
+                model, batch, k, args, step_generator(args, run['rank'], step, device))
             loss, n_pairs = ddp_model(batch['view1'], batch['view2'], masks1, masks2)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f'loss is {loss_value} at epoch {epoch + 1}, step {it + 1}: stopping. The last good '
-                f'checkpoint (end of epoch {epoch}) in {args.output_dir} is untouched; try a lower '
-                '--lr or --no-amp')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema_update(model, momentum)
+        ema_update(model, momentum, args.ema_buffers)
         step += 1
+        sums += torch.stack([loss.detach().double(), n_pairs.double()])
 
-        B = batch['view1'].shape[0]
-        loss_sum += loss_value
-        pairs_sum += n_pairs
-        seen += B
+        seen += batch['view1'].shape[0]
         for name in batch['bad']:
             print(f'[rank {run["rank"]}] unreadable image skipped: {name}', flush=True)
         bad += batch['bad']
@@ -639,18 +716,26 @@ def train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run)
                 f'{len(bad)} of {seen} images read so far are unreadable (over --max-bad-fraction '
                 f'{args.max_bad_fraction}), e.g. ' + '; '.join(bad[:5]))
 
-        if run['rank'] == 0 and ((it + 1) % args.print_freq == 0 or it + 1 == n_steps):
-            elapsed = time.time() - start
-            per_step = elapsed / (it + 1)
-            left_epoch = per_step * (n_steps - it - 1)
-            left_run = left_epoch + per_step * n_steps * (run['last_epoch'] - epoch - 1)
-            print(f'epoch {epoch + 1}/{args.epochs} [{it + 1:>{len(str(n_steps))}}/{n_steps}] '
-                  f'loss {loss_sum / (it + 1):.4f} K {k_used} lr {lr:.4g} ema {momentum:.5f} '
-                  f'masks/img {pairs_sum / seen:.1f} {seen * run["world"] / elapsed:.1f} img/s '
-                  f'eta epoch {fmt_time(left_epoch)} run {fmt_time(left_run)}', flush=True)
+        if (it + 1) % args.print_freq == 0 or it + 1 == n_steps:
+            loss_sum, pairs_sum = sums.tolist()
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(
+                    f'loss is {loss_sum} in epoch {epoch + 1} between steps {checked + 1} and '
+                    f'{it + 1}: stopping. The last good checkpoint (end of epoch {epoch}) in '
+                    f'{args.output_dir} is untouched; try a lower --lr or --no-amp')
+            checked = it + 1
+            if run['rank'] == 0:
+                elapsed = time.time() - start
+                per_step = elapsed / (it + 1)
+                left_epoch = per_step * (n_steps - it - 1)
+                left_run = left_epoch + per_step * n_steps * (run['last_epoch'] - epoch - 1)
+                print(f'epoch {epoch + 1}/{args.epochs} [{it + 1:>{len(str(n_steps))}}/{n_steps}] '
+                      f'loss {loss_sum / (it + 1):.4f} K {k_used} lr {lr:.4g} ema {momentum:.5f} '
+                      f'masks/img {pairs_sum / seen:.1f} {seen * run["world"] / elapsed:.1f} img/s '
+                      f'eta epoch {fmt_time(left_epoch)} run {fmt_time(left_run)}', flush=True)
 
-    stats = torch.tensor([loss_sum, pairs_sum, seen, n_steps, len(bad)], dtype=torch.float64,
-                         device=device)
+    stats = torch.cat([sums, torch.tensor([seen, n_steps, len(bad)], dtype=torch.float64,
+                                          device=device)])
     if run['world'] > 1:
         dist.all_reduce(stats)
     elapsed = time.time() - start
@@ -682,7 +767,7 @@ def build_dataset(args):
 def main(args):
     resolve_args(args)
     ddp, rank, world, device = setup_distributed(args)
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)                # the same initial weights on every rank
     output_dir = Path(args.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -700,10 +785,12 @@ def main(args):
     if len(loader) == 0:
         raise data.DataError(f'{len(dataset)} images are fewer than one batch of '
                              f'{args.batch_size} x {world} processes')
-    vis = data.collate([dataset[(0, i)] for i in range(min(8, len(dataset)))])
+    # the pictures show 8 images spread evenly over the dataset (not one class's first 8)
+    vis = data.collate([dataset[(0, int(i))]
+                        for i in np.unique(np.linspace(0, len(dataset) - 1, 8).round())])
 
     # ===== building networks and optimizer =====
-    model = R2O(args.arch, args.hidden_dim, args.out_dim, args.min_mask_area).to(device)
+    model = build_model(args).to(device)
     if ddp and device.type == 'cuda':      # SyncBatchNorm needs GPUs; gloo ranks keep plain BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = device.type == 'cuda'
@@ -728,9 +815,9 @@ def main(args):
     start_epoch, step = 0, 0
     ckpt_path = Path(args.resume) if args.resume else output_dir / 'checkpoint.pt'
     if args.resume and not ckpt_path.is_file():
-        raise SystemExit(f'--resume {ckpt_path}: no such file')
+        raise data.DataError(f'--resume {ckpt_path}: no such file')
     if ckpt_path.is_file():
-        start_epoch, step = load_checkpoint(ckpt_path, model, optimizer, args, rank, device)
+        start_epoch, step = load_checkpoint(ckpt_path, model, optimizer, args)
         if rank == 0:
             print(f'resumed from {ckpt_path} after epoch {start_epoch}', flush=True)
 
@@ -753,13 +840,9 @@ def main(args):
         step, stats = train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run)
         if ddp:
             stats['rank_param_max_diff'] = params_in_sync(model, world)
-        rng = [rng_state(device)]
-        if ddp:
-            rng = [None] * world
-            dist.all_gather_object(rng, rng_state(device))
         if rank == 0:
             ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                        step=step, args=vars(args), rng=rng)
+                        step=step, args=vars(args))
             save_atomic(ckpt, output_dir / 'checkpoint.pt')
             if (epoch + 1) % args.save_every == 0:
                 save_atomic(ckpt, output_dir / f'checkpoint-epoch{epoch + 1:04d}.pt')

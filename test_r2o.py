@@ -124,11 +124,42 @@ def test_view_masks_sum_to_one_over_clusters():
     assert torch.allclose(masks.sum(1), torch.ones(3, 16), atol=1e-5)
 
 
-def test_mask_pool_is_the_masked_average():
+def test_mask_pool_divides_the_sum_by_the_area_but_never_by_less_than_one_cell():
     features = torch.randn(2, 5, 3, 3)
     masks = torch.rand(2, 4, 9)
-    expected = torch.einsum('bkn,bcn->bkc', masks, features.flatten(2)) / masks.sum(-1, keepdim=True)
-    assert torch.allclose(r2o.mask_pool(features, masks), expected, atol=1e-5)
+    masks[0, 1] = 0                                      # empty: a zero row
+    masks[1, 2] = 0
+    masks[1, 2, 4] = 0.3                                 # under one cell: summed, not averaged
+    sums = torch.einsum('bkn,bcn->bkc', masks, features.flatten(2))
+    area = masks.sum(-1, keepdim=True)
+    pooled = r2o.mask_pool(features, masks)
+    assert torch.allclose(pooled, sums / area.clamp_min(1), atol=1e-5)
+    assert torch.equal(pooled[0, 1], torch.zeros(5))
+    assert torch.allclose(pooled[1, 2], 0.3 * features[1, :, 1, 1], atol=1e-6)
+    average = r2o.mask_pool(features, masks, min_area=1e-6)
+    assert torch.allclose(average[1, 2], features[1, :, 1, 1], atol=1e-5)
+    assert torch.allclose(average[0, 0], sums[0, 0] / area[0, 0], atol=1e-5)
+
+
+def test_view_masks_are_the_exact_area_fractions():
+    """roi_align with the adaptive sampling ratio and aligned=True: each cell holds the exact
+    fraction of it that each cluster covers (here a box that cuts cells of the label map)."""
+    M, g = 56, 7
+    labels = torch.randint(0, 5, (1, M, M))
+    box = torch.tensor([[0.1, 0.25, 0.6, 0.75]])         # 28 x 28 label cells: 4 x 4 per mask cell
+    masks = r2o.view_masks(labels, box, torch.tensor([False]), 5, g).view(5, g, g)
+    x0 = 0.1 * M                                         # 5.6: mask cells cut label cells
+    cols = torch.arange(M, dtype=torch.float32)
+    exact = torch.zeros(5, g, g)
+    onehot = F.one_hot(labels[0], 5).float()             # M x M x 5
+    for j in range(g):                                   # mask cell column j covers [x0 + 4j, x0 + 4j + 4)
+        lo, hi = x0 + 4 * j, x0 + 4 * j + 4
+        wx = (torch.minimum(cols + 1, torch.tensor(hi)) - torch.maximum(cols, torch.tensor(lo))).clamp(0, 1)
+        for i in range(g):
+            rows = slice(14 + 4 * i, 18 + 4 * i)
+            exact[:, i, j] = (onehot[rows] * wx[None, :, None]).sum((0, 1)) / 16
+    assert torch.allclose(masks, exact, atol=0.02)
+    assert (masks - exact).abs().mean() < 0.005
 
 
 # ================================ loss ================================
@@ -147,12 +178,22 @@ def test_mask_present_in_one_view_adds_nothing_to_the_loss():
     m1[:, 1], m2[:, 1] = 0.5, 0.5                        # mask 1: in both views
     m1[:, 2] = torch.tensor([1., 0., 0., 0.])            # mask 2: only in view 1
     assert r2o.mask_overlap(m1, m2).tolist() == [[True, True, False]] * 2
-    loss, pairs = model(v1, v2, m1, m2)
-    m1_changed = m1.clone()
-    m1_changed[:, 2] = torch.tensor([0., 0., 0.3, 1.])
-    loss_changed, _ = model(v1, v2, m1_changed, m2)
-    assert pairs == 4
-    assert torch.allclose(loss, loss_changed)
+    for head_rows in ('all', 'overlap'):
+        model.head_rows = head_rows
+        model.eval()          # BatchNorm by running statistics: in 'all' mode the rows of the
+        loss, pairs = model(v1, v2, m1, m2)             # absent mask still enter its batch stats
+        m1_changed = m1.clone()
+        m1_changed[:, 2] = torch.tensor([0., 0., 0.3, 1.])
+        loss_changed, _ = model(v1, v2, m1_changed, m2)
+        assert pairs == 4
+        assert torch.allclose(loss, loss_changed)
+
+
+def test_overlap_indicator_is_any_trace_of_the_mask_in_both_views():
+    m1 = torch.tensor([[[0.0011, 0, 0, 0], [0.0009, 0, 0, 0], [0.5, 0.5, 0, 0]]])
+    m2 = torch.tensor([[[0, 0, 0, 0.002], [0.5, 0, 0, 0], [0, 0, 0, 0]]])
+    assert r2o.mask_overlap(m1, m2).tolist() == [[True, False, False]]
+    assert r2o.mask_overlap(m1, m2, min_area=0.49 * 4).tolist() == [[False, False, False]]
 
 
 def test_k1_is_byol():
@@ -175,9 +216,60 @@ def test_k1_is_byol():
     p1, p2 = model.predictor(model.projector(model.encoder(x))).chunk(2)
     with torch.no_grad():
         z1, z2 = model.target_projector(model.target_encoder(x)).chunk(2)
-    byol = cos_loss(p1, z2) + cos_loss(p2, z1)
+    byol = (cos_loss(p1, z2) + cos_loss(p2, z1)) / 2     # the reference's scale
     assert pairs == 4
     assert torch.allclose(loss, byol, atol=1e-5)
+
+
+def resnet_layer4(net, x):
+    """A torchvision ResNet's last feature map (its forward without avgpool and fc)."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+def reference_style_loss(model, v1, v2, m1, m2):
+    """R2O's loss as the reference computes it, written out separately from r2o.R2O: every one
+    of the 2B x K pooled rows (empty masks as zero rows) through projector and predictor, pooling
+    as sum / max(area, 1) in cells, the pairs with area > 1e-3 in both views, (L12 + L21) / 2."""
+    B, K = m1.shape[:2]
+
+    def heads(encoder, projector, predictor=None):
+        f = resnet_layer4(encoder, torch.cat([v1, v2]))                        # 2B x C x g x g
+        m = torch.cat([m1, m2])                                                 # 2B x K x g^2
+        rows = torch.einsum('bkn,bcn->bkc', m, f.flatten(2)) / m.sum(-1, keepdim=True).clamp(min=1)
+        out = projector(rows.reshape(2 * B * K, -1))
+        return (predictor(out) if predictor else out).reshape(2, B, K, -1)
+
+    p = heads(model.encoder, model.projector, model.predictor)
+    with torch.no_grad():
+        z = heads(model.target_encoder, model.target_projector)
+    valid = ((m1.sum(-1) > 1e-3) & (m2.sum(-1) > 1e-3)).float()
+    l12 = ((2 - 2 * F.cosine_similarity(p[0], z[1], dim=-1)) * valid).sum() / valid.sum()
+    l21 = ((2 - 2 * F.cosine_similarity(p[1], z[0], dim=-1)) * valid).sum() / valid.sum()
+    return (l12 + l21) / 2
+
+
+def test_default_step_computes_the_reference_loss_and_gradients(tmp_path):
+    args = tiny_args(tmp_path, 'ref')
+    r2o.resolve_args(args)
+    dataset = r2o.build_dataset(args)
+    batch = data.collate([dataset[(0, i)] for i in range(8)])
+    model = r2o.build_model(args)
+    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
+    g = torch.Generator().manual_seed(0)
+    m1, m2, k = r2o.masks_for_batch(model, batch, 6, args, g)
+    m1[0, :] = 0
+    m1[0, 0] = 1                                          # image 0: one mask covers view 1
+    assert k == 6 and (m1.sum(-1) == 0).any()            # some empty rows enter the heads
+    assert ((m1.sum(-1) > 0) & (m1.sum(-1) < 1)).any()   # and some smaller than one cell
+    ours, pairs = model(batch['view1'], batch['view2'], m1, m2)
+    ours_grads = torch.autograd.grad(ours, [p for p in model.parameters() if p.requires_grad])
+    theirs = reference_style_loss(model, batch['view1'], batch['view2'], m1, m2)
+    their_grads = torch.autograd.grad(theirs, [p for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert pairs == ((m1.sum(-1) > 1e-3) & (m2.sum(-1) > 1e-3)).sum()
+    for a, b in zip(ours_grads, their_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_byol_loss_values():
@@ -231,6 +323,29 @@ def test_lars_excludes_biases_and_all_batchnorm():
     assert ids(regular['params']) | ids(excluded['params']) == online   # no target weights
 
 
+def test_lars_is_the_reference_update_through_an_lr_change():
+    """buf = 0.9 buf + lr * trust * (g + wd w), trust = 0.001 |w| / (|g| + wd |w|), w -= buf;
+    biases: buf = 0.9 buf + lr * g. Written out by hand over steps whose lr changes."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(torch.randn(4))
+    opt = r2o.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars_exclude=True)],
+                   weight_decay=1e-2)
+    w_ref, b_ref = w.detach().clone(), b.detach().clone()
+    buf_w, buf_b = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
+    for lr in (0.1, 0.4, 0.4, 2.0, 0.05):               # warmup, then the K/16 jump, then decay
+        grad_w, grad_b = torch.randn(4, 3), torch.randn(4)
+        w.grad, b.grad = grad_w.clone(), grad_b.clone()
+        for group in opt.param_groups:
+            group['lr'] = lr
+        opt.step()
+        trust = 0.001 * w_ref.norm() / (grad_w.norm() + 1e-2 * w_ref.norm())
+        buf_w = 0.9 * buf_w + lr * trust * (grad_w + 1e-2 * w_ref)
+        buf_b = 0.9 * buf_b + lr * grad_b
+        w_ref, b_ref = w_ref - buf_w, b_ref - buf_b
+        assert torch.allclose(w, w_ref, atol=1e-6) and torch.allclose(b, b_ref, atol=1e-6)
+
+
 def test_lars_step_applies_the_trust_ratio_only_to_weights():
     w = torch.nn.Parameter(torch.full((3, 3), 2.0))
     b = torch.nn.Parameter(torch.full((3,), 2.0))
@@ -239,7 +354,8 @@ def test_lars_step_applies_the_trust_ratio_only_to_weights():
     w.grad, b.grad = torch.ones(3, 3), torch.ones(3)
     opt.step()
     update = torch.ones(3, 3) + 0.1 * 2.0
-    trust = 0.001 * torch.norm(torch.full((3, 3), 2.0)) / torch.norm(update)
+    w_norm = torch.norm(torch.full((3, 3), 2.0))
+    trust = 0.001 * w_norm / (torch.norm(torch.ones(3, 3)) + 0.1 * w_norm)
     assert torch.allclose(w, 2.0 - 0.5 * trust * update)
     assert torch.allclose(b, torch.full((3,), 2.0 - 0.5))              # plain SGD step
 
@@ -257,12 +373,15 @@ def test_one_step_changes_online_weights_and_ema_moves_target(tmp_path):
         g['lr'] = 0.5
     online0 = [p.detach().clone() for p in model.encoder.parameters()]
     target0 = [p.detach().clone() for p in model.target_encoder.parameters()]
+    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
     masks1, masks2, k = r2o.masks_for_batch(model, batch, 4, args)
     assert masks1.shape == (8, 4, 1) and k == 4
     loss, _ = model(batch['view1'], batch['view2'], masks1, masks2)
     loss.backward()
     opt.step()
+    bn_target0 = model.target_encoder.bn1.running_mean.clone()
     r2o.ema_update(model, 0.9)
+    assert torch.equal(model.target_encoder.bn1.running_mean, bn_target0)   # parameters only
     online1 = list(model.encoder.parameters())
     target1 = list(model.target_encoder.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(online0, online1))
@@ -417,7 +536,7 @@ def test_checkpoint_loads_weights_only_and_resume_matches_an_uninterrupted_run(t
     r2o.main(tiny_args(tmp_path, 'resumed', '--stop-after', '1'))
     first = torch.load(tmp_path / 'resumed' / 'checkpoint.pt', weights_only=True)
     assert first['epoch'] == 1 and not (tmp_path / 'resumed' / 'backbone.pt').exists()
-    assert set(first) >= {'model', 'optimizer', 'epoch', 'step', 'args', 'rng'}
+    assert set(first) >= {'model', 'optimizer', 'epoch', 'step', 'args'}
     assert first['args']['arch'] == 'resnet18'
     r2o.main(tiny_args(tmp_path, 'resumed'))             # same command again: continues
     a = torch.load(tmp_path / 'straight' / 'checkpoint.pt', weights_only=True)
@@ -432,7 +551,7 @@ def test_checkpoint_loads_weights_only_and_resume_matches_an_uninterrupted_run(t
 
 def test_resume_refuses_other_settings(tmp_path):
     r2o.main(tiny_args(tmp_path, 'run', '--stop-after', '1'))
-    with pytest.raises(SystemExit, match='--arch'):
+    with pytest.raises(data.DataError, match='--arch'):
         r2o.main(tiny_args(tmp_path, 'run', '--arch', 'resnet34'))
 
 
@@ -446,7 +565,7 @@ def test_backbone_loads_into_torchvision_resnet(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     r2o.main(tiny_args(tmp_path, 'nan', '--stop-after', '1'))
     before = (tmp_path / 'nan' / 'checkpoint.pt').read_bytes()
-    monkeypatch.setattr(r2o, 'byol_loss', lambda p, z: (p * float('nan')).sum())
+    monkeypatch.setattr(r2o, 'byol_loss', lambda p, z, w=None: (p * float('nan')).sum())
     with pytest.raises(FloatingPointError, match='last good'):
         r2o.main(tiny_args(tmp_path, 'nan'))
     assert (tmp_path / 'nan' / 'checkpoint.pt').read_bytes() == before

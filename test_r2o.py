@@ -5,6 +5,7 @@ CPU and small (resnet18, 32-64 px images, a few steps). Run: python -m pytest -q
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,19 +25,32 @@ HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)   # tiny tensors: extra threads only spin, and stall when cores are busy
 
 
-def tiny_args(tmp_path, name, *extra):
-    """Arguments of a tiny synthetic run (a few seconds on CPU) writing to tmp_path/name."""
-    argv = ['--data', 'synthetic', '--synthetic-images', '32', '--image-size', '32',
+def tiny_argv(tmp_path, name, *extra):
+    """Command line of a tiny synthetic run (a few seconds on CPU) writing to tmp_path/name."""
+    return ['--data', 'synthetic', '--synthetic-images', '32', '--image-size', '32',
             '--batch-size', '8', '--epochs', '2', '--superpixels', '12', '--k-max', '8',
             '--hidden-dim', '64', '--out-dim', '32', '--workers', '0', '--kmeans-iters', '5',
-            '--output-dir', str(tmp_path / name),
+            '--device', 'cpu', '--output-dir', str(tmp_path / name),
             '--superpixel-cache', str(tmp_path / 'cache'), *extra]
-    return r2o.get_args_parser().parse_args(argv)
+
+
+def tiny_args(tmp_path, name, *extra):
+    return r2o.get_args_parser().parse_args(tiny_argv(tmp_path, name, *extra))
 
 
 def run_cli(*argv, cwd=HERE, env=None):
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+def cli_env():
+    """The environment of a fresh shell: no torchrun variables, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    env['OMP_NUM_THREADS'] = '1'
+    return env
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 
 # ================================ k-means ================================
@@ -582,28 +596,167 @@ def test_baselines_train(tmp_path, schedule):
         assert log['masks_per_image'] == 1.0             # BYOL: one whole-crop mask per image
 
 
-def test_torchrun_two_processes_keep_identical_weights(tmp_path):
-    out = tmp_path / 'ddp'
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    env['OMP_NUM_THREADS'] = '1'
-    res = run_cli('-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
-                  'r2o.py', '--synthetic-images', '32', '--image-size', '32', '--batch-size', '4',
-                  '--epochs', '2', '--superpixels', '12', '--k-max', '8', '--hidden-dim', '64',
-                  '--out-dim', '32', '--workers', '0', '--output-dir', str(out),
-                  '--superpixel-cache', str(tmp_path / 'cache'), env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    log = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+def training_command(out, cache, *launcher, workers=2, device='cpu'):
+    """A small synthetic run from the command line, as a user starts it: 2 epochs of 6 steps,
+    loader workers on (the default), a progress line every step."""
+    return [sys.executable, *(launcher or ['r2o.py']),
+            '--synthetic-images', '48', '--image-size', '32', '--batch-size', '8', '--epochs', '2',
+            '--superpixels', '12', '--k-max', '8', '--hidden-dim', '64', '--out-dim', '32',
+            '--workers', str(workers), '--print-freq', '1', '--device', device,
+            '--output-dir', str(out), '--superpixel-cache', str(cache)]
+
+
+def kill_when_printed(cmd, marker):
+    """Start `cmd` in its own process group and SIGKILL the whole group (launcher, trainers,
+    loader workers) as soon as a line contains `marker`: a run dying as a job scheduler kills it."""
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=cli_env(), start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, ''.join(lines[-30:])
+
+
+def assert_same_final_weights(a, b):
+    a = torch.load(a / 'checkpoint.pt', weights_only=True)
+    b = torch.load(b / 'checkpoint.pt', weights_only=True)
+    assert a['epoch'] == b['epoch'] == 2 and a['step'] == b['step']
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+def test_killed_mid_epoch_and_restarted_ends_bit_identical(tmp_path):
+    cache = tmp_path / 'cache'
+    straight = subprocess.run(training_command(tmp_path / 'straight', cache), cwd=HERE, env=cli_env(),
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    cmd = training_command(tmp_path / 'killed', cache)
+    kill_when_printed(cmd, 'epoch 2/2 [3/6]')             # mid-epoch 2: only epoch 1 is saved
+    assert torch.load(tmp_path / 'killed' / 'checkpoint.pt', weights_only=True)['epoch'] == 1
+    again = subprocess.run(cmd, cwd=HERE, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert 'resumed from' in again.stdout
+    assert_same_final_weights(tmp_path / 'straight', tmp_path / 'killed')
+    a = torch.load(tmp_path / 'straight' / 'backbone.pt', weights_only=True)
+    b = torch.load(tmp_path / 'killed' / 'backbone.pt', weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_killed_and_restarted(tmp_path):
+    cache = tmp_path / 'cache'
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', 'r2o.py']
+    straight = subprocess.run(training_command(tmp_path / 'straight', cache, *launcher),
+                              cwd=HERE, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / 'straight' / 'log.txt').read_text().splitlines()]
     assert len(log) == 2
-    assert all(e['rank_param_max_diff'] == 0.0 for e in log)
+    assert all(e['rank_param_max_diff'] == 0.0 for e in log)     # DDP keeps the ranks identical
     assert log[-1]['images_per_s'] > 0
-    assert (out / 'backbone.pt').exists()
+    cmd = training_command(tmp_path / 'killed', cache, *launcher)
+    kill_when_printed(cmd, 'epoch 2/2 [2/3]')
+    again = subprocess.run(cmd, cwd=HERE, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_final_weights(tmp_path / 'straight', tmp_path / 'killed')
+
+
+def test_damaged_checkpoint_is_one_line_and_exit_status_2(tmp_path):
+    r2o.main(tiny_args(tmp_path, 'run', '--stop-after', '1', '--save-every', '1'))
+    ckpt = tmp_path / 'run' / 'checkpoint.pt'
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])           # truncated, as by a full disk
+    res = run_cli('r2o.py', *tiny_argv(tmp_path, 'run', '--save-every', '1'), env=cli_env())
+    assert res.returncode == 2
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err
+    assert str(ckpt) in err and '--output-dir' in err and 'checkpoint-epoch0001.pt' in err
+
+
+def test_cluster_batch_refines_each_group_on_its_own(tmp_path):
+    args = tiny_args(tmp_path, 'groups', '--cluster-batch', '4')
+    r2o.resolve_args(args)
+    dataset = r2o.build_dataset(args)
+    batch = data.collate([dataset[(0, i)] for i in range(8)])
+    model = small_model()
+    grouped = r2o.masks_for_batch(model, batch, 3, args, torch.Generator().manual_seed(5))
+    args.cluster_batch = None
+    g = torch.Generator().manual_seed(5)
+    halves = [r2o.masks_for_batch(model, {k: v[s] if torch.is_tensor(v) else v
+                                          for k, v in batch.items()}, 3, args, g)
+              for s in (slice(0, 4), slice(4, 8))]
+    whole = r2o.masks_for_batch(model, batch, 3, args, torch.Generator().manual_seed(5))
+    for view in (0, 1):
+        assert torch.equal(grouped[view], torch.cat([halves[0][view], halves[1][view]]))
+    assert not torch.equal(grouped[0], whole[0])         # one k-means over 8 images differs
+
+
+# ================================ on a GPU (skipped without one) ================================
+
+def gpu_step(tmp_path, channels_last=False, bf16=False):
+    """One training step of the small model on the GPU; returns the loss and the new weights."""
+    args = tiny_args(tmp_path, 'gpu', '--device', 'cuda', '--image-size', '64')
+    r2o.resolve_args(args)
+    dataset = r2o.build_dataset(args)
+    batch = data.collate([dataset[(0, i)] for i in range(8)])
+    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
+    device = torch.device('cuda')
+    model = small_model().to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    for name in ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips'):
+        batch[name] = batch[name].to(device)
+        if batch[name].dim() == 4:
+            batch[name] = batch[name].contiguous(memory_format=fmt)
+    opt = r2o.LARS(r2o.lars_param_groups(model))
+    for group in opt.param_groups:
+        group['lr'] = 0.5
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
+        m1, m2, _ = r2o.masks_for_batch(model, batch, 4, args,
+                                        torch.Generator(device=device).manual_seed(0))
+        loss, pairs = model(batch['view1'], batch['view2'], m1, m2)
+    loss.backward()
+    opt.step()
+    r2o.ema_update(model, 0.99)
+    return loss.item(), model.encoder.conv1.weight.detach().float().cpu()
+
+
+@requires_cuda
+def test_gpu_bf16_and_channels_last_steps_agree_with_fp32(tmp_path):
+    loss32, w32 = gpu_step(tmp_path)
+    loss_cl, w_cl = gpu_step(tmp_path, channels_last=True)
+    loss16, w16 = gpu_step(tmp_path, channels_last=True, bf16=True)
+    assert math.isfinite(loss16) and abs(loss16 - loss32) < 0.05
+    assert abs(loss_cl - loss32) < 1e-3 and torch.allclose(w_cl, w32, atol=1e-4)
+    assert torch.isfinite(w16).all()
+
+
+@requires_cuda
+def test_gpu_torchrun_one_nccl_process(tmp_path):
+    cmd = training_command(tmp_path / 'nccl', tmp_path / 'cache', '-m', 'torch.distributed.run',
+                           '--nproc_per_node=1', '--master_port=29519', 'r2o.py', device='cuda')
+    res = subprocess.run(cmd, cwd=HERE, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'bf16 autocast' in res.stdout and 'cuda:0' in res.stdout
+    assert (tmp_path / 'nccl' / 'backbone.pt').exists()
+
+
+@requires_cuda
+def test_gpu_eval_cub_matches_the_cpu(tmp_path):
+    fake_checkpoint(tmp_path / 'checkpoint.pt')
+    on = {d: run_eval(tmp_path / 'checkpoint.pt', '--limit', 4, '--input-size', 64, '--device', d,
+                      '--out', tmp_path / f'{d}.json') for d in ('cpu', 'cuda')}
+    for rule in ('majority', 'label_free'):
+        assert on['cuda']['metrics'][rule]['fg_iou'] == pytest.approx(
+            on['cpu']['metrics'][rule]['fg_iou'], abs=0.05)
 
 
 # ================================ eval_cub.py: unsupervised segmentation ================================
 
 def run_eval(*argv):
     args = eval_cub.get_args_parser().parse_args(
-        ['--workers', '0', '--kmeans-iters', '10', *map(str, argv)])
+        ['--workers', '0', '--kmeans-iters', '10', '--device', 'cpu', *map(str, argv)])
     return eval_cub.main(args)
 
 

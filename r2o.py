@@ -88,9 +88,9 @@ def superpixel_pool(features, superpixels, n_superpixels=None):
     return pooled / area.clamp_min(1e-6)[..., None], area
 
 
-def kmeans(x, k, iters=30, generator=None):
+def kmeans(x, k, iters=30, generator=None, weight=None):
     """K-means of the rows of x (N x D) in fp32 on x's device: D^2 seeding in rounds, then a
-    fixed number of Lloyd steps (fixed work, no host sync).
+    fixed number of Lloyd steps. Fixed work and no host sync, so a GPU never waits for Python.
 
     Seeding: k-means++ draws k centres one by one, each with probability proportional to D(x)^2,
     the squared distance to the nearest centre so far. Here each round draws, without
@@ -98,22 +98,25 @@ def kmeans(x, k, iters=30, generator=None):
     12 rounds instead of 128 sequential draws at k=128, with the inertia after the Lloyd steps
     within 0.3% of k-means++'s (bench.py prints both). An empty cluster is re-seeded with the
     point farthest from its own centroid, so no centroid is ever NaN.
+    weight: optional N 0/1 floats; rows of weight 0 are ignored (never centres, no pull on
+    centroids) yet still get a label. Lets a caller keep fixed shapes instead of selecting rows.
     Returns labels (N,) int64 in [0, k) and centroids (k x D). k is capped at N.
     """
     x = x.float()
     n = x.shape[0]
     k = min(k, n)
+    w = torch.ones(n, device=x.device) if weight is None else weight.float()
     sq = (x * x).sum(1)
 
     def sq_dist(c):                                      # N x len(c) squared distances, by matmul
         return torch.addmm((c * c).sum(1)[None], x, c.T, alpha=-2).add_(sq[:, None]).clamp_min_(0)
 
-    picks = torch.randint(n, (1,), device=x.device, generator=generator)
+    picks = torch.multinomial(w, 1, generator=generator)
     closest = sq_dist(x[picks])[:, 0]
     while picks.numel() < k:
         m = min(max(1, picks.numel() // 2), k - picks.numel())
         # + 1e-12: points equal to a centre keep a tiny weight, so m draws always exist
-        new = torch.multinomial(closest + 1e-12, m, replacement=False, generator=generator)
+        new = torch.multinomial((closest + 1e-12) * w, m, replacement=False, generator=generator)
         closest = torch.minimum(closest, sq_dist(x[new]).amin(1))
         picks = torch.cat([picks, new])
     centroids = x[picks]
@@ -121,12 +124,12 @@ def kmeans(x, k, iters=30, generator=None):
     for _ in range(iters):
         d = sq_dist(centroids)
         labels = d.argmin(1)
-        counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        counts = torch.zeros(k, device=x.device).index_add_(0, labels, w)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x * w[:, None])
         centroids = sums / counts.clamp_min(1)[:, None]
         # re-seed empty clusters (no host sync): the e-th empty one takes the e-th farthest point
         empty = counts == 0
-        own = d.gather(1, labels[:, None])[:, 0]
+        own = d.gather(1, labels[:, None])[:, 0] * w
         farthest = own.topk(k).indices
         rank = (empty.cumsum(0) - 1).clamp(0, k - 1)
         centroids = torch.where(empty[:, None], x[farthest[rank]], centroids)
@@ -135,22 +138,22 @@ def kmeans(x, k, iters=30, generator=None):
 
 
 @torch.no_grad()
-def refine(features, superpixels, k, iters=30, generator=None):
+def refine(features, superpixels, k, iters=30, generator=None, n_superpixels=None):
     """Cluster the superpixels of a whole batch into k object masks (R2O's refinement).
 
     features: B x C x h x w (the target encoder's layer3 on the raw view);
-    superpixels: B x M x M ids. Superpixel features are pooled, L2-normalised and clustered
-    together across the batch (cluster ids mean the same thing in every image), then each
-    cell of the M x M map takes its superpixel's cluster.
-    Returns labels B x M x M int64 in [0, k).
+    superpixels: B x M x M ids below n_superpixels (give it, known on the host, to spare a GPU
+    sync). Superpixel features are pooled, L2-normalised and clustered together across the
+    batch (cluster ids mean the same thing in every image); ids absent from an image take no
+    part (the reference clusters them as zero rows). Each cell of the M x M map then takes its
+    superpixel's cluster. Returns labels B x M x M int64 in [0, k).
     """
     with torch.autocast(features.device.type, enabled=False):
-        pooled, area = superpixel_pool(features.float(), superpixels)
-        present = area > 0
-        assigned, _ = kmeans(F.normalize(pooled[present], dim=1), k, iters, generator)
-        cluster_of = torch.zeros_like(area, dtype=torch.long)
-        cluster_of[present] = assigned
-    return cluster_of.gather(1, superpixels.flatten(1)).view_as(superpixels)
+        pooled, area = superpixel_pool(features.float(), superpixels, n_superpixels)
+        present = (area > 0).flatten().float()
+        cluster_of, _ = kmeans(F.normalize(pooled.flatten(0, 1), dim=1), k, iters, generator,
+                               present)
+    return cluster_of.view_as(area).gather(1, superpixels.flatten(1)).view_as(superpixels)
 
 
 def view_masks(labels, boxes, flips, k, out_size):
@@ -662,7 +665,7 @@ def masks_for_batch(model, batch, k, args, generator=None):
         group = args.cluster_batch or sp.shape[0]
         labels = torch.cat([
             refine(encoder_features(model.target_encoder, raw, 'layer3'), s, k, args.kmeans_iters,
-                   generator)
+                   generator, batch['n_superpixels'])
             for raw, s in zip(batch['raw'].split(group), sp.split(group))])
     g = args.image_size // 32                  # final feature map size (7 at 224)
     boxes, flips = batch['boxes'], batch['flips']

@@ -77,6 +77,21 @@ def test_kmeans_never_nan_when_clusters_empty():
     assert labels.view(-1, 2).diff(dim=1).abs().sum() == 0
 
 
+def test_kmeans_ignores_rows_of_weight_zero():
+    torch.manual_seed(0)
+    centres = torch.randn(3, 8) * 10
+    truth = torch.arange(3).repeat_interleave(30)
+    x = centres[truth] + torch.randn(90, 8) * 0.3
+    far = torch.full((20, 8), 1000.0)                    # padding rows: would grab a centre
+    weight = torch.cat([torch.ones(90), torch.zeros(20)])
+    labels, centroids = r2o.kmeans(torch.cat([x, far]), 3, iters=20, weight=weight)
+    pairs = set(zip(truth.tolist(), labels[:90].tolist()))
+    assert len(pairs) == 3 and len({b for _, b in pairs}) == 3
+    for t, c in pairs:
+        assert torch.allclose(centroids[c], x[truth == t].mean(0), atol=1e-4)
+    assert labels.shape == (110,) and int(labels.max()) < 3
+
+
 def test_kmeans_caps_k_at_the_number_of_points():
     labels, centroids = r2o.kmeans(torch.randn(3, 4), 10)
     assert centroids.shape == (3, 4) and sorted(labels.tolist()) == [0, 1, 2]
@@ -678,6 +693,7 @@ def test_cluster_batch_refines_each_group_on_its_own(tmp_path):
     r2o.resolve_args(args)
     dataset = r2o.build_dataset(args)
     batch = data.collate([dataset[(0, i)] for i in range(8)])
+    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1   # the row padding, kept alike
     model = small_model()
     grouped = r2o.masks_for_batch(model, batch, 3, args, torch.Generator().manual_seed(5))
     args.cluster_batch = None

@@ -78,8 +78,10 @@ def get_args_parser(add_help=True):
                    help='"builtin" (generated single-object scenes with masks) or the CUB_200_2011 '
                         'folder (or the folder holding it)')
     g.add_argument('--split', default='test',
-                   help='CUB images: test (the official 5,794), train, all, or a file of image ids '
-                        '(one per line, as in images.txt)')
+                   help='CUB images: test (the official 5,794), train, all, or a file: one image id '
+                        'per line (as in images.txt), or two columns "<id> <flag>" as in CUB\'s '
+                        'train_test_split.txt (flag 1 = train, 0 = test), of which the 0-flag '
+                        '(test) images are evaluated')
     g.add_argument('--mask-threshold', type=int, default=128,
                    help='CUB masks are soft (0-255): a pixel is foreground at this value or above')
     g.add_argument('--builtin-images', type=int, default=500, help='size of the built-in set')
@@ -167,10 +169,36 @@ def find_cub(root):
     return cub, segmentations
 
 
+def read_split_file(path):
+    """Image ids from a --split file (lines starting with # are comments).
+
+    One column: a list of ids, as in images.txt. Two columns "<id> <flag>": read like CUB's
+    train_test_split.txt (flag 1 = train, 0 = test), which selects the 0-flag (test) images;
+    reading only the first column would silently select every image of such a file.
+    Any other shape is a DataError naming the line."""
+    ids, width = [], None
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        columns = line.split()
+        if not columns or columns[0].startswith('#'):
+            continue
+        width = width or len(columns)
+        where = f'--split {path}, line {number} {line.strip()!r}'
+        if len(columns) != width or width > 2:
+            raise data.DataError(f'{where}: every line must hold one image id, or "<id> <0|1>" '
+                                 'as in train_test_split.txt')
+        if not (columns[0].isascii() and columns[0].isdigit()) or (
+                width == 2 and columns[1] not in ('0', '1')):
+            raise data.DataError(f'{where}: expected an integer image id'
+                                 + (' and a flag 0 (test) or 1 (train)' if width == 2 else ''))
+        if width == 1 or columns[1] == '0':
+            ids.append(int(columns[0]))
+    return ids
+
+
 def read_cub(root, split='test'):
     """The images of one split with their masks: a list of (image id, image path, mask path).
 
-    split: 'test' (the official 5,794), 'train', 'all', or a file of image ids. Every listed
+    split: 'test' (the official 5,794), 'train', 'all', or a file (see read_split_file). Every listed
     file is checked up front so a missing one stops the run before any work."""
     cub, segmentations = find_cub(root)
     names = {}
@@ -190,8 +218,7 @@ def read_cub(root, split='test'):
     else:
         if not Path(split).is_file():
             raise data.DataError(f'--split {split}: not test, train, all or a file of image ids')
-        ids = [int(line.split()[0]) for line in Path(split).read_text().splitlines()
-               if line.strip() and not line.startswith('#')]
+        ids = read_split_file(split)
         unknown = [i for i in ids if i not in names]
         if unknown:
             raise data.DataError(f'--split {split}: {len(unknown)} ids not in {cub / "images.txt"}, '

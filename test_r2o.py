@@ -743,3 +743,23 @@ def test_grid_regions_with_random_init_layer4(tmp_path):
     assert results['encoder'] == dict(kind='random-init', arch='resnet18', seed=0)
     assert results['protocol']['feature_grid'] == 2 and results['protocol']['superpixels'] is None
     assert results['n_images'] == 2
+
+
+# ================================ --split files ================================
+
+def test_split_file_of_ids_or_in_the_train_test_split_layout(tmp_path):
+    cub = make_cub(tmp_path)
+    (tmp_path / 'ids.txt').write_text('# chosen birds\n4\n\n1\n')
+    assert [item[0] for item in eval_cub.read_cub(cub, str(tmp_path / 'ids.txt'))] == [1, 4]
+    # "<id> <flag>" as in train_test_split.txt (1 train, 0 test): the 0-flag images, not all of them
+    (tmp_path / 'flags.txt').write_text('1 0\n2 1\n3 0\n4 1\n')
+    assert [item[0] for item in eval_cub.read_cub(cub, str(tmp_path / 'flags.txt'))] == [1, 3]
+    official = cub / 'train_test_split.txt'
+    assert ([item[0] for item in eval_cub.read_cub(cub, str(official))]
+            == [item[0] for item in eval_cub.read_cub(cub, 'test')])
+    for text, line in (('1 0 7\n', "line 1 '1 0 7'"), ('1 0\n2 2\n', "line 2 '2 2'"),
+                       ('1\n2 0\n', "line 2 '2 0'"), ('1\nbird\n', "line 2 'bird'")):
+        (tmp_path / 'bad.txt').write_text(text)
+        with pytest.raises(data.DataError, match=line) as e:
+            eval_cub.read_cub(cub, str(tmp_path / 'bad.txt'))
+        assert '\n' not in str(e.value)

@@ -23,6 +23,23 @@ CUB-200-2011 (the official 5,794-image test split; GPU when present):
     python eval_cub.py --random-init --arch resnet50 --data /path/to/CUB_200_2011
 The CUB folder is CUB_200_2011/ from CUB_200_2011.tgz (images.txt, train_test_split.txt,
 images/) with segmentations/ from the separate segmentations.tgz unpacked inside it or beside it.
+
+Weights: the layout is recognised from the file's keys, no flag needed (see load_encoder).
+    ours: a training checkpoint.pt (online encoder; --encoder target for the EMA one) or backbone.pt
+    the R2O authors' training checkpoint (DDP 'module.online_network.encoder.*' keys):
+        python eval_cub.py r2o_checkpoint.pth --data /path/to/CUB_200_2011
+        python eval_cub.py r2o_checkpoint.pth --data /path/to/CUB_200_2011 --encoder target
+    a torchvision ResNet state_dict (the authors' released weights; 'module.', 'encoder.',
+    'backbone.' prefixes and fc.* are fine):
+        python eval_cub.py r2o_resnet50.pth --data /path/to/CUB_200_2011
+    detectron2 (.pkl of numpy arrays, as tools/convert-torchvision-to-d2.py writes, or a detector
+    trained from one: its backbone's ResNet is taken):
+        python eval_cub.py model_final.pkl --data /path/to/CUB_200_2011
+    (the names are mapped to torchvision's, so the network must be torchvision's ResNet, RGB input
+    and stride in the 3x3 conv, STRIDE_IN_1X1: False, as the authors' detectron2 config has it;
+    detectron2's own MSRA ResNets load too but are a different network)
+A .pkl is read with an unpickler that builds numpy arrays and plain containers only, and torch's
+files with torch.load(weights_only=True), so a weights file cannot run code here.
 """
 import argparse
 import importlib
@@ -63,8 +80,11 @@ def get_args_parser(add_help=True):
                                 formatter_class=r2o.HelpFormatter)
     g = p.add_argument_group('what to evaluate (one of)')
     g.add_argument('checkpoint', nargs='?', default=None,
-                   help="a training checkpoint.pt or an exported backbone.pt (a torchvision ResNet "
-                        "state_dict; a classifier's fc.* weights are ignored)")
+                   help="weights, the layout recognised from the keys: our training checkpoint.pt or "
+                        "backbone.pt; the R2O authors' training checkpoint (r2o_checkpoint.pth, "
+                        "'module.online_network.encoder.*'); a torchvision ResNet state_dict "
+                        "(prefixes module./encoder./backbone. and a classifier's fc.* are fine); "
+                        "a detectron2 .pkl (model_final.pkl, read as numpy arrays only)")
     g.add_argument('--random-init', action='store_true',
                    help='the untrained encoder (seeded by --seed): the reference any training must beat')
     g.add_argument('--colour-baseline', '--color-baseline', dest='colour_baseline',
@@ -75,8 +95,8 @@ def get_args_parser(add_help=True):
                    help='resnet18/34/50/101/152; read from the file when not given (random init: '
                         'resnet18 on the built-in set, resnet50 on CUB)')
     g.add_argument('--encoder', default=None, choices=['online', 'target'],
-                   help='which encoder of a training checkpoint (default online, the one exported '
-                        'as backbone.pt)')
+                   help='which encoder of a training checkpoint, ours or the authors\' (default '
+                        'online, the one exported as backbone.pt; target is the EMA network)')
 
     g = p.add_argument_group('data')
     g.add_argument('--data', default='builtin',

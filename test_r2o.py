@@ -748,7 +748,7 @@ def test_grid_regions_with_random_init_layer4(tmp_path):
 
 # ================================ --split files ================================
 
-def test_split_file_of_ids_or_in_the_train_test_split_layout(tmp_path):
+def test_cub_split_file_of_ids_or_in_the_train_test_split_layout(tmp_path):
     cub = make_cub(tmp_path)
     (tmp_path / 'ids.txt').write_text('# chosen birds\n4\n\n1\n')
     assert [item[0] for item in eval_cub.read_cub(cub, str(tmp_path / 'ids.txt'))] == [1, 4]
@@ -880,7 +880,7 @@ def test_encoder_target_reads_the_authors_ema_network(tmp_path, resnet50_weights
             eval_cub.load_encoder(tmp_path / name, encoder='target')
 
 
-def test_other_files_are_one_line_errors_saying_what_they_hold(tmp_path):
+def test_load_of_an_unknown_file_is_one_line_saying_what_it_holds(tmp_path):
     torch.save({'alpha': torch.zeros(2), 'beta': torch.zeros(3), 'gamma': torch.zeros(1)},
                tmp_path / 'tensors.pt')
     with open(tmp_path / 'other_d2.pkl', 'wb') as f:           # d2's wrapping, not its names
@@ -908,7 +908,7 @@ class RunsAShellCommand:
         return os.system, (f'echo pwned > {self.marker}',)
 
 
-def test_a_pickle_carrying_code_is_refused_before_it_runs(tmp_path):
+def test_load_refuses_a_pickle_carrying_code_before_it_runs(tmp_path):
     marker = tmp_path / 'marker'
     payload = {'model': {'stem.conv1.weight': RunsAShellCommand(marker)}}
     with open(tmp_path / 'model_final.pkl', 'wb') as f:

@@ -23,12 +23,34 @@ CUB-200-2011 (the official 5,794-image test split; GPU when present):
     python eval_cub.py --random-init --arch resnet50 --data /path/to/CUB_200_2011
 The CUB folder is CUB_200_2011/ from CUB_200_2011.tgz (images.txt, train_test_split.txt,
 images/) with segmentations/ from the separate segmentations.tgz unpacked inside it or beside it.
+
+Weights: the layout is recognised from the file's keys, no flag needed (see load_encoder).
+    ours: a training checkpoint.pt (online encoder; --encoder target for the EMA one) or backbone.pt
+    the R2O authors' training checkpoint (DDP 'module.online_network.encoder.*' keys):
+        python eval_cub.py r2o_checkpoint.pth --data /path/to/CUB_200_2011
+        python eval_cub.py r2o_checkpoint.pth --data /path/to/CUB_200_2011 --encoder target
+    a torchvision ResNet state_dict (the authors' released weights; 'module.', 'encoder.',
+    'backbone.' prefixes and fc.* are fine):
+        python eval_cub.py r2o_resnet50.pth --data /path/to/CUB_200_2011
+    detectron2 (.pkl of numpy arrays, as tools/convert-torchvision-to-d2.py writes, or a detector
+    trained from one: its backbone's ResNet is taken):
+        python eval_cub.py model_final.pkl --data /path/to/CUB_200_2011
+    (the names are mapped to torchvision's, so the network must be torchvision's ResNet, RGB input
+    and stride in the 3x3 conv, STRIDE_IN_1X1: False, as the authors' detectron2 config has it;
+    detectron2's own MSRA ResNets load too but are a different network)
+A .pkl is read with an unpickler that builds numpy arrays and plain containers only, and torch's
+files with torch.load(weights_only=True), so a weights file cannot run code here.
 """
 import argparse
+import importlib
 import json
 import os
+import pickle
+import re
 import sys
 import time
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +80,11 @@ def get_args_parser(add_help=True):
                                 formatter_class=r2o.HelpFormatter)
     g = p.add_argument_group('what to evaluate (one of)')
     g.add_argument('checkpoint', nargs='?', default=None,
-                   help="a training checkpoint.pt or an exported backbone.pt (a torchvision ResNet "
-                        "state_dict; a classifier's fc.* weights are ignored)")
+                   help="weights, the layout recognised from the keys: our training checkpoint.pt or "
+                        "backbone.pt; the R2O authors' training checkpoint (r2o_checkpoint.pth, "
+                        "'module.online_network.encoder.*'); a torchvision ResNet state_dict "
+                        "(prefixes module./encoder./backbone. and a classifier's fc.* are fine); "
+                        "a detectron2 .pkl (model_final.pkl, read as numpy arrays only)")
     g.add_argument('--random-init', action='store_true',
                    help='the untrained encoder (seeded by --seed): the reference any training must beat')
     g.add_argument('--colour-baseline', '--color-baseline', dest='colour_baseline',
@@ -70,16 +95,18 @@ def get_args_parser(add_help=True):
                    help='resnet18/34/50/101/152; read from the file when not given (random init: '
                         'resnet18 on the built-in set, resnet50 on CUB)')
     g.add_argument('--encoder', default=None, choices=['online', 'target'],
-                   help='which encoder of a training checkpoint (default online, the one exported '
-                        'as backbone.pt)')
+                   help='which encoder of a training checkpoint, ours or the authors\' (default '
+                        'online, the one exported as backbone.pt; target is the EMA network)')
 
     g = p.add_argument_group('data')
     g.add_argument('--data', default='builtin',
                    help='"builtin" (generated single-object scenes with masks) or the CUB_200_2011 '
                         'folder (or the folder holding it)')
     g.add_argument('--split', default='test',
-                   help='CUB images: test (the official 5,794), train, all, or a file of image ids '
-                        '(one per line, as in images.txt)')
+                   help='CUB images: test (the official 5,794), train, all, or a file: one image id '
+                        'per line (as in images.txt), or two columns "<id> <flag>" as in CUB\'s '
+                        'train_test_split.txt (flag 1 = train, 0 = test), of which the 0-flag '
+                        '(test) images are evaluated')
     g.add_argument('--mask-threshold', type=int, default=128,
                    help='CUB masks are soft (0-255): a pixel is foreground at this value or above')
     g.add_argument('--builtin-images', type=int, default=500, help='size of the built-in set')
@@ -167,10 +194,36 @@ def find_cub(root):
     return cub, segmentations
 
 
+def read_split_file(path):
+    """Image ids from a --split file (lines starting with # are comments).
+
+    One column: a list of ids, as in images.txt. Two columns "<id> <flag>": read like CUB's
+    train_test_split.txt (flag 1 = train, 0 = test), which selects the 0-flag (test) images;
+    reading only the first column would silently select every image of such a file.
+    Any other shape is a DataError naming the line."""
+    ids, width = [], None
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        columns = line.split()
+        if not columns or columns[0].startswith('#'):
+            continue
+        width = width or len(columns)
+        where = f'--split {path}, line {number} {line.strip()!r}'
+        if len(columns) != width or width > 2:
+            raise data.DataError(f'{where}: every line must hold one image id, or "<id> <0|1>" '
+                                 'as in train_test_split.txt')
+        if not (columns[0].isascii() and columns[0].isdigit()) or (
+                width == 2 and columns[1] not in ('0', '1')):
+            raise data.DataError(f'{where}: expected an integer image id'
+                                 + (' and a flag 0 (test) or 1 (train)' if width == 2 else ''))
+        if width == 1 or columns[1] == '0':
+            ids.append(int(columns[0]))
+    return ids
+
+
 def read_cub(root, split='test'):
     """The images of one split with their masks: a list of (image id, image path, mask path).
 
-    split: 'test' (the official 5,794), 'train', 'all', or a file of image ids. Every listed
+    split: 'test' (the official 5,794), 'train', 'all', or a file (see read_split_file). Every listed
     file is checked up front so a missing one stops the run before any work."""
     cub, segmentations = find_cub(root)
     names = {}
@@ -190,8 +243,7 @@ def read_cub(root, split='test'):
     else:
         if not Path(split).is_file():
             raise data.DataError(f'--split {split}: not test, train, all or a file of image ids')
-        ids = [int(line.split()[0]) for line in Path(split).read_text().splitlines()
-               if line.strip() and not line.startswith('#')]
+        ids = read_split_file(split)
         unknown = [i for i in ids if i not in names]
         if unknown:
             raise data.DataError(f'--split {split}: {len(unknown)} ids not in {cub / "images.txt"}, '
@@ -290,38 +342,216 @@ def infer_arch(state):
     return arch
 
 
-def load_encoder(path, arch=None, encoder=None):
-    """A frozen encoder from a training checkpoint.pt or an exported backbone.pt.
+# The layouts load_encoder recognises from the keys, with no flag:
+#   checkpoint          ours: {'model': R2O state_dict, 'args': ...}; online 'encoder.*', target
+#                       'target_encoder.*'
+#   authors-checkpoint  the R2O authors' training checkpoint: {'model': ..., 'optimizer', 'epoch',
+#                       ...}, the ResNet an nn.Sequential of torchvision's children under
+#                       '[module.]online_network.encoder.<i>.' (target: 'target_network.encoder.')
+#   backbone            a torchvision ResNet state_dict (our backbone.pt, the authors' released
+#                       weights), its keys maybe under 'module.', 'encoder.' or 'backbone.'
+#   detectron2          a .pkl of {'model': {detectron2 name: numpy array}}, as detectron2's
+#                       tools/convert-torchvision-to-d2.py writes (stem.conv1, res2..res5)
+LAYOUTS = "ours, the authors' R2O checkpoint, torchvision, detectron2"
+AUTHORS_KEY = re.compile(r'(?:module\.)?(online|target)_network\.encoder\.(\d+)\.(.+)')
+AUTHORS_CHILDREN = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3',
+                    '7': 'layer4'}              # 2 relu and 3 maxpool hold no weights
+D2_KEY = re.compile(r'(?:stem|res([2-5])\.(\d+))\.(conv[1-3]|shortcut)(\.norm)?\.(\w+)')
+RESNET_TOP = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'layer4.')
+TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c    # the first object of a pre-1.6 torch.save file
 
-    Returns (torchvision ResNet in eval mode with fc = identity, info dict for the results)."""
-    not_ours = f'{path}: not an R2O checkpoint or torchvision ResNet backbone'
-    if not Path(path).is_file():
-        raise data.DataError(f'{path}: no such file')
+
+def latin1_bytes(text, encoding='latin1'):
+    """How Python 3 pickles bytes at protocol 2 (_codecs.encode); any other codec is refused."""
+    if encoding not in ('latin1', 'latin-1'):
+        raise data.DataError(f'the file asks for the codec {encoding!r}, not latin1, and was not '
+                             'loaded')
+    return text.encode('latin1')
+
+
+class ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers (dict, list, str, numbers) and nothing else.
+
+    A pickle can name any importable callable and have it called while loading: find_class
+    is where every such name arrives, so it hands out only what numpy arrays are rebuilt with
+    and refuses the rest before anything runs."""
+    ARRAYS = {('numpy', 'ndarray'), ('numpy', 'dtype'),
+              ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+              ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+              # protocol 5 (the default from Python 3.14) rebuilds arrays from a buffer
+              ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+              ('collections', 'OrderedDict')}   # a plain container, as state_dicts are
+
+    def find_class(self, module, name):
+        if (module, name) == ('_codecs', 'encode'):
+            return latin1_bytes
+        if (module, name) not in self.ARRAYS:
+            raise data.DataError(f'the file carries code or objects other than arrays '
+                                 f'({module}.{name}) and was not loaded')
+        # numpy 2 renamed numpy.core to numpy._core: read either spelling with the numpy at hand
+        for spelling in (module.replace('numpy.core', 'numpy._core'),
+                         module.replace('numpy._core', 'numpy.core')):
+            try:
+                return getattr(importlib.import_module(spelling), name)
+            except (ImportError, AttributeError):
+                pass
+        raise data.DataError(f'this numpy has no {module}.{name}, which the file needs')
+
+
+def read_weights_file(path):
+    """The object in a weights file, read without running any code the file may carry.
+
+    torch.load(weights_only=True) for torch's own files; when it cannot read the file, and the
+    file is not a torch zip archive, a plain pickle (detectron2's .pkl) read by
+    ArraysOnlyUnpickler. A refused file is a one-line DataError."""
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():
+            # a plain pickle first meets torch's reader, which warns about its protocol
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure is reported below, in one line
+        torch_error = e
+    refused = re.search(r'GLOBAL ([\w.]+)', str(torch_error))
+    refusal = (f'{path}: the file carries code or objects other than weights ({refused[1]}) and '
+               'was not loaded') if refused else None
+    if zipfile.is_zipfile(path):
+        raise data.DataError(refusal or f'{path}: torch.load cannot read it '
+                             f'({type(torch_error).__name__}): not a ResNet checkpoint in any '
+                             f'known layout ({LAYOUTS})')
+    try:
+        with open(path, 'rb') as f:
+            obj = ArraysOnlyUnpickler(f, encoding='latin1').load()   # latin1: Python 2 pickles
+    except data.DataError as e:
+        raise data.DataError(f'{path}: {e}') from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
-        raise data.DataError(f'{not_ours} ({type(e).__name__})') from None
+        raise data.DataError(f'{path}: neither torch.load nor pickle can read it '
+                             f'({type(e).__name__}): not a ResNet checkpoint in any known layout '
+                             f'({LAYOUTS})') from None
+    if isinstance(obj, int) and obj == TORCH_LEGACY_MAGIC:
+        raise data.DataError(refusal or f'{path}: torch.load cannot read this old-format torch '
+                             f'file ({type(torch_error).__name__})')
+    return obj
+
+
+def describe_object(obj, inner=True):
+    """A few words on what a file holds, for error messages: its type, some keys of a dict, and
+    some keys of the dict it keeps under 'model' or 'state_dict'."""
     if not isinstance(obj, dict):
-        raise data.DataError(not_ours)
+        return f'{"an" if type(obj).__name__[0] in "aeiou" else "a"} {type(obj).__name__}'
+    if not obj:
+        return 'an empty dict'
+    keys = [k if isinstance(k, str) else repr(k) for k in obj]
+    shown = ', '.join(repr(k[:60])[1:-1] for k in keys[:5])
+    shown += f', ... ({len(keys)} keys)' if len(keys) > 5 else ''
+    wrapper = next((k for k in ('model', 'state_dict') if isinstance(obj.get(k), dict)), None)
+    if inner and wrapper:                # one level only: a pickle can hold a dict inside itself
+        return f'a dict with keys {shown}; its {wrapper!r} is {describe_object(obj[wrapper], False)}'
+    return f'a dict with keys {shown}'
+
+
+def strip_prefixes(state, prefixes):
+    """Keys with any of `prefixes` removed from their start, repeatedly ('module.encoder.x' -> 'x').
+
+    Two keys that become one (two networks in one file) are a DataError."""
+    out = {}
+    for key, value in state.items():
+        name = key
+        while name.startswith(prefixes):
+            name = name[len(next(p for p in prefixes if name.startswith(p))):]
+        if name in out:
+            raise data.DataError(f'holds more than one network ({key!r} and another key both '
+                                 f'give {name!r})')
+        out[name] = value
+    return out
+
+
+def d2_to_torchvision(name):
+    """A detectron2 ResNet name as torchvision spells it, or None for a name outside the ResNet.
+
+    'stem.conv1.norm.weight' -> 'bn1.weight', 'res3.0.conv2.weight' -> 'layer2.0.conv2.weight',
+    'res2.0.shortcut.norm.running_mean' -> 'layer1.0.downsample.1.running_mean'."""
+    match = D2_KEY.fullmatch(name)
+    if match is None:
+        return None                      # e.g. stem.fc.* (the converter's name for fc), FPN, heads
+    stage, block, conv, norm, leaf = match.groups()
+    if conv == 'shortcut':
+        module = 'downsample.1' if norm else 'downsample.0'
+    else:
+        module = ('bn' if norm else 'conv') + conv[-1]
+    return (f'layer{int(stage) - 1}.{block}.' if stage else '') + f'{module}.{leaf}'
+
+
+def as_tensor(value):
+    """A weight as a tensor: tensors as they are, numeric numpy arrays (detectron2) converted."""
+    if isinstance(value, (np.ndarray, np.generic)) and np.asarray(value).dtype.kind in 'biuf':
+        return torch.from_numpy(np.array(value))
+    return value
+
+
+def resnet_state(obj, encoder=None):
+    """The torchvision ResNet state_dict inside any known layout, and the info naming the layout.
+
+    Returns (state, info) with info's kind one of checkpoint, authors-checkpoint, backbone,
+    detectron2; anything else is a DataError saying what the file holds."""
+    if not isinstance(obj, dict):
+        raise data.DataError(f'holds {describe_object(obj)}: not a ResNet checkpoint in any known '
+                             f'layout ({LAYOUTS})')
     if isinstance(obj.get('model'), dict) and isinstance(obj.get('args'), dict):
         which = encoder or 'online'
         prefix = 'encoder.' if which == 'online' else 'target_encoder.'
         state = {k[len(prefix):]: v for k, v in obj['model'].items() if k.startswith(prefix)}
-        info = dict(kind='checkpoint', encoder=which, epoch=obj.get('epoch'),
-                    trained_arch=obj['args'].get('arch'),
-                    trained_image_size=obj['args'].get('image_size'))
-        arch = arch or obj['args'].get('arch')
-    else:
-        if encoder is not None:
-            raise data.DataError(f'{path} holds one encoder: --encoder applies to a training '
-                                 'checkpoint only')
-        state = {k.removeprefix('module.'): v for k, v in obj.items()}
-        info = dict(kind='backbone', encoder=None)
+        return state, dict(kind='checkpoint', encoder=which, epoch=obj.get('epoch'),
+                           trained_arch=obj['args'].get('arch'),
+                           trained_image_size=obj['args'].get('image_size'))
+    # training files keep the weights under 'model' (the authors', detectron2) or 'state_dict'
+    weights = next((obj[k] for k in ('model', 'state_dict') if isinstance(obj.get(k), dict)), obj)
+    keys = [k for k in weights if isinstance(k, str)]
+    authors = [(k, AUTHORS_KEY.fullmatch(k)) for k in keys]
+    if any(m for _, m in authors):
+        which = encoder or 'online'
+        state = {f'{AUTHORS_CHILDREN.get(m[2], m[2])}.{m[3]}': weights[k]
+                 for k, m in authors if m and m[1] == which}
+        if not state:
+            raise data.DataError(f"holds the authors' R2O checkpoint without a {which} encoder")
+        return state, dict(kind='authors-checkpoint', encoder=which, epoch=obj.get('epoch'))
+    d2 = strip_prefixes({k: weights[k] for k in keys}, ('module.', 'backbone.', 'bottom_up.'))
+    if 'stem.conv1.weight' in d2:
+        state = {}
+        for name, value in d2.items():
+            if d2_to_torchvision(name):  # the ResNet only: a detector's FPN and heads are not
+                state[d2_to_torchvision(name)] = as_tensor(value)
+        return state, dict(kind='detectron2', encoder=None)
+    state = strip_prefixes({k: weights[k] for k in keys}, ('module.', 'encoder.', 'backbone.'))
+    if 'conv1.weight' in state and 'layer3.0.conv1.weight' in state:
+        # keys outside the ResNet (a projector saved beside it, fc) are not the encoder's
+        return ({k: v for k, v in state.items() if k.startswith(RESNET_TOP)},
+                dict(kind='backbone', encoder=None))
+    raise data.DataError(f'holds {describe_object(obj)}: not a ResNet checkpoint in any known '
+                         f'layout ({LAYOUTS})')
+
+
+def load_encoder(path, arch=None, encoder=None):
+    """A frozen encoder from a weights file in any layout above, recognised from its keys.
+
+    encoder: 'online' (default) or 'target', for the files of a training run (ours, the
+    authors'). Returns (torchvision ResNet in eval mode with fc = identity, info dict for the
+    results: kind names the layout)."""
+    if not Path(path).is_file():
+        raise data.DataError(f'{path}: no such file')
+    obj = read_weights_file(path)
+    try:
+        state, info = resnet_state(obj, encoder)
+    except data.DataError as e:
+        raise data.DataError(f'{path}: {e}') from None
+    if encoder is not None and info['encoder'] is None:
+        raise data.DataError(f'{path} holds one encoder ({info["kind"]}): --encoder applies to a '
+                             'training checkpoint only')
     state = {k: v for k, v in state.items() if not str(k).startswith('fc.')}
     if (not all(isinstance(v, torch.Tensor) for v in state.values())
             or 'conv1.weight' not in state or 'layer3.0.conv1.weight' not in state):
-        raise data.DataError(not_ours)
-    arch = arch or infer_arch(state)
+        raise data.DataError(f'{path}: holds {describe_object(obj)}: {info["kind"]} layout, but '
+                             'not the weights of a whole ResNet')
+    arch = arch or info.get('trained_arch') or infer_arch(state)
     net = r2o.build_encoder(arch)
     try:
         net.load_state_dict(state)

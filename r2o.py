@@ -102,7 +102,7 @@ def kmeans(x, k, iters=30, generator=None, weight=None):
     centroids) yet still get a label. Lets a caller keep fixed shapes instead of selecting rows.
     Returns labels (N,) int64 in [0, k) and centroids (k x D). k is capped at N.
     """
-    x = x.float()
+    x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)   # a diverged net: no crash
     n = x.shape[0]
     k = min(k, n)
     w = torch.ones(n, device=x.device) if weight is None else weight.float()

@@ -5,6 +5,7 @@ CPU and small (resnet18, 32-64 px images, a few steps). Run: python -m pytest -q
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -975,7 +976,7 @@ def test_arch_is_read_from_the_weights(arch):
 
 
 def test_a_file_that_is_not_ours_is_one_clear_error(tmp_path):
-    not_ours = 'not an R2O checkpoint or torchvision ResNet backbone'
+    not_ours = 'not a ResNet checkpoint in any known layout'
     (tmp_path / 'notes.pt').write_text('hello')
     torch.save({'weights': torch.zeros(3)}, tmp_path / 'other.pt')
     torch.save([torch.zeros(3)], tmp_path / 'list.pt')
@@ -1031,3 +1032,182 @@ def test_grid_regions_with_random_init_layer4(tmp_path):
     assert results['encoder'] == dict(kind='random-init', arch='resnet18', seed=0)
     assert results['protocol']['feature_grid'] == 2 and results['protocol']['superpixels'] is None
     assert results['n_images'] == 2
+
+
+# ================================ --split files ================================
+
+def test_cub_split_file_of_ids_or_in_the_train_test_split_layout(tmp_path):
+    cub = make_cub(tmp_path)
+    (tmp_path / 'ids.txt').write_text('# chosen birds\n4\n\n1\n')
+    assert [item[0] for item in eval_cub.read_cub(cub, str(tmp_path / 'ids.txt'))] == [1, 4]
+    # "<id> <flag>" as in train_test_split.txt (1 train, 0 test): the 0-flag images, not all of them
+    (tmp_path / 'flags.txt').write_text('1 0\n2 1\n3 0\n4 1\n')
+    assert [item[0] for item in eval_cub.read_cub(cub, str(tmp_path / 'flags.txt'))] == [1, 3]
+    official = cub / 'train_test_split.txt'
+    assert ([item[0] for item in eval_cub.read_cub(cub, str(official))]
+            == [item[0] for item in eval_cub.read_cub(cub, 'test')])
+    for text, line in (('1 0 7\n', "line 1 '1 0 7'"), ('1 0\n2 2\n', "line 2 '2 2'"),
+                       ('1\n2 0\n', "line 2 '2 0'"), ('1\nbird\n', "line 2 'bird'")):
+        (tmp_path / 'bad.txt').write_text(text)
+        with pytest.raises(data.DataError, match=line) as e:
+            eval_cub.read_cub(cub, str(tmp_path / 'bad.txt'))
+        assert '\n' not in str(e.value)
+
+
+# ================================ weights in other layouts ================================
+
+AUTHORS_CHILD = {'conv1': '0', 'bn1': '1', 'layer1': '4', 'layer2': '5', 'layer3': '6', 'layer4': '7'}
+D2_STAGE = {'layer1': 'res2', 'layer2': 'res3', 'layer3': 'res4', 'layer4': 'res5'}
+D2_MODULE = {'bn1': 'conv1.norm', 'bn2': 'conv2.norm', 'bn3': 'conv3.norm',
+             'downsample.0': 'shortcut', 'downsample.1': 'shortcut.norm'}
+
+
+def authors_name(name, network='online'):
+    """The R2O authors' key for a torchvision ResNet key: their encoder is nn.Sequential of
+    torchvision's children (0 conv1, 1 bn1, 4-7 layer1-4) inside a DDP-wrapped model."""
+    top, rest = name.split('.', 1)
+    return f'module.{network}_network.encoder.{AUTHORS_CHILD[top]}.{rest}'
+
+
+def d2_name(name):
+    """detectron2's key for a torchvision ResNet key, as tools/convert-torchvision-to-d2.py
+    names them ('layer2.0.bn1.weight' -> 'res3.0.conv1.norm.weight'; fc -> 'stem.fc')."""
+    parts = name.split('.')
+    head, parts = ([D2_STAGE[parts[0]], parts[1]], parts[2:]) if parts[0] in D2_STAGE else (['stem'], parts)
+    module, leaf = '.'.join(parts[:-1]), parts[-1]
+    return '.'.join(head + [D2_MODULE.get(module, module), leaf])
+
+
+@pytest.fixture(scope='module')
+def resnet50_weights():
+    """One resnet50 with random weights and BN statistics far from their defaults (so a
+    misplaced or missing BN buffer shows), as a torchvision state_dict with fc; and a different
+    one standing for the EMA target."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    online = {k: v.clone() for k, v in net.state_dict().items()}
+    target = {k: v * 1.01 if v.is_floating_point() else v for k, v in online.items()}
+    return online, target
+
+
+def features_of(state):
+    """layer3 features of a 1 x 3 x 64 x 64 fixed input through a torchvision ResNet-50 with `state`."""
+    net = r2o.build_encoder('resnet50')
+    net.load_state_dict({k: v for k, v in state.items() if not k.startswith('fc.')})
+    return layer3_features(net.eval())
+
+
+def layer3_features(net):
+    x = torch.linspace(-2, 2, 3 * 64 * 64).view(1, 3, 64, 64)
+    with torch.no_grad():
+        return r2o.encoder_features(net, x, 'layer3')
+
+
+def save_layouts(folder, online, target):
+    """The same encoder in every layout eval_cub reads; returns {file name: expected kind}."""
+    no_fc = {k: v for k, v in online.items() if not k.startswith('fc.')}
+    torch.save(no_fc, folder / 'backbone.pt')                                       # ours
+    model = {authors_name(k): v for k, v in no_fc.items()}
+    model.update({authors_name(k, 'target'): v for k, v in target.items() if not k.startswith('fc.')})
+    model.update({'module.online_network.projetion.l1.weight': torch.randn(16, 2048),
+                  'module.target_network.projetion.l1.weight': torch.randn(16, 2048),
+                  'module.predictor.predictor.l1.weight': torch.randn(16, 16)})
+    authors = dict(config={'model': {'backbone': {'type': 'resnet50'}}}, epoch=300, steps=9,
+                   model=model, optimizer={'state': {}, 'param_groups': []}, amp={})
+    torch.save(authors, folder / 'r2o_checkpoint.pth.tar')
+    authors['model'] = {k.removeprefix('module.'): v for k, v in model.items()}     # no DDP
+    torch.save(authors, folder / 'r2o_checkpoint_single_gpu.pth')
+    torch.save({'module.' + k: v for k, v in online.items()}, folder / 'torchvision.pth')
+    d2 = {'model': {d2_name(k): v.numpy() for k, v in online.items()},
+          '__author__': 'torchvision', 'matching_heuristics': True}
+    for protocol in (2, 4, 5):
+        with open(folder / f'model_final_p{protocol}.pkl', 'wb') as f:
+            pickle.dump(d2, f, protocol=protocol)
+    # a whole detector: the ResNet under backbone.bottom_up., beside an FPN and heads
+    detector = {'backbone.bottom_up.' + k: v for k, v in d2['model'].items()}
+    detector['backbone.fpn_lateral2.weight'] = np.zeros((256, 256, 1, 1), np.float32)
+    detector['roi_heads.box_predictor.cls_score.weight'] = np.zeros((81, 1024), np.float32)
+    with open(folder / 'detector.pkl', 'wb') as f:
+        pickle.dump({'model': detector, '__author__': 'Detectron2'}, f)
+    return {'backbone.pt': 'backbone', 'r2o_checkpoint.pth.tar': 'authors-checkpoint',
+            'r2o_checkpoint_single_gpu.pth': 'authors-checkpoint', 'torchvision.pth': 'backbone',
+            'model_final_p2.pkl': 'detectron2', 'model_final_p4.pkl': 'detectron2',
+            'model_final_p5.pkl': 'detectron2', 'detector.pkl': 'detectron2'}
+
+
+def test_every_layout_gives_the_same_encoder(tmp_path, resnet50_weights):
+    online, target = resnet50_weights
+    expected = features_of(online)
+    for name, kind in save_layouts(tmp_path, online, target).items():
+        net, info = eval_cub.load_encoder(tmp_path / name)
+        assert (info['kind'], info['arch'], net.training) == (kind, 'resnet50', False), name
+        assert isinstance(net.fc, torch.nn.Identity)
+        assert torch.equal(layer3_features(net), expected), name
+        assert torch.equal(net.bn1.running_var, online['bn1.running_var']), name
+
+
+def test_encoder_target_reads_the_authors_ema_network(tmp_path, resnet50_weights):
+    online, target = resnet50_weights
+    save_layouts(tmp_path, online, target)
+    net, info = eval_cub.load_encoder(tmp_path / 'r2o_checkpoint.pth.tar', encoder='target')
+    assert (info['kind'], info['encoder'], info['epoch']) == ('authors-checkpoint', 'target', 300)
+    assert torch.equal(layer3_features(net), features_of(target))
+    assert not torch.equal(layer3_features(net), features_of(online))
+    _, info = eval_cub.load_encoder(tmp_path / 'r2o_checkpoint.pth.tar')
+    assert info['encoder'] == 'online'
+    for name in ('torchvision.pth', 'model_final_p4.pkl'):     # one network: nothing to choose
+        with pytest.raises(data.DataError, match='--encoder applies to a training checkpoint'):
+            eval_cub.load_encoder(tmp_path / name, encoder='target')
+
+
+def test_load_of_an_unknown_file_is_one_line_saying_what_it_holds(tmp_path):
+    torch.save({'alpha': torch.zeros(2), 'beta': torch.zeros(3), 'gamma': torch.zeros(1)},
+               tmp_path / 'tensors.pt')
+    with open(tmp_path / 'other_d2.pkl', 'wb') as f:           # d2's wrapping, not its names
+        pickle.dump({'model': {'trunk.first.weight': np.zeros((4, 3), np.float32)},
+                     '__author__': 'someone'}, f)
+    (tmp_path / 'list.pkl').write_bytes(pickle.dumps([1, 2, 3]))
+    for name, found in (('tensors.pt', 'holds a dict with keys alpha, beta, gamma'),
+                        ('other_d2.pkl', "its 'model' is a dict with keys trunk.first.weight"),
+                        ('list.pkl', 'holds a list')):
+        with pytest.raises(data.DataError) as e:
+            eval_cub.load_encoder(tmp_path / name)
+        message = str(e.value)
+        assert found in message and 'not a ResNet checkpoint in any known layout' in message
+        assert 'detectron2' in message and "the authors' R2O checkpoint" in message
+        assert '\n' not in message
+
+
+class RunsAShellCommand:
+    """Unpickling this object runs a shell command (the marker file shows whether it ran)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'echo pwned > {self.marker}',)
+
+
+def test_load_refuses_a_pickle_carrying_code_before_it_runs(tmp_path):
+    marker = tmp_path / 'marker'
+    payload = {'model': {'stem.conv1.weight': RunsAShellCommand(marker)}}
+    with open(tmp_path / 'model_final.pkl', 'wb') as f:
+        pickle.dump(payload, f)
+    torch.save(payload, tmp_path / 'checkpoint.pth')                      # torch's zip format
+    torch.save(payload, tmp_path / 'old.pth', _use_new_zipfile_serialization=False)
+    for name in ('model_final.pkl', 'checkpoint.pth', 'old.pth'):
+        with pytest.raises(data.DataError, match='carries code or objects other than') as e:
+            eval_cub.load_encoder(tmp_path / name)
+        assert 'system' in str(e.value) and '\n' not in str(e.value)
+    out = run_cli('eval_cub.py', tmp_path / 'model_final.pkl', '--limit', '1')
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert 'was not loaded' in out.stderr
+    assert not marker.exists()

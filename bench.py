@@ -58,8 +58,9 @@ def get_args_parser():
     p.add_argument('--quick', action='store_true', help='tiny sizes, for a smoke test (figures mean little)')
     p.add_argument('--json', default=None, help='save every figure to this file')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--parts', default='loader,step,kmeans,memory,slic',
-                   help='comma-separated subset of: loader, step, kmeans, memory, slic (all)')
+    p.add_argument('--parts', default='loader,step,kmeans,memory,slic,loop,batches',
+                   help='comma-separated subset of: loader, step, kmeans, memory, slic, loop, '
+                        'batches (all)')
     p.add_argument('--loader-images', type=int, default=None,
                    help='JPEG scenes per loader pass (48; quick 3)')
     p.add_argument('--loader-rounds', type=int, default=None,
@@ -194,16 +195,18 @@ def step_config(device, quick):
     return dict(cfg)
 
 
+def step_args(cfg, iters, cluster_batch=None):
+    """The flags of r2o.py that masks_for_batch reads."""
+    return argparse.Namespace(image_size=cfg['image_size'], kmeans_iters=iters,
+                              cluster_batch=cluster_batch)
+
+
 def step_batch(cfg, device):
     """One batch of generated scenes, as the demo's loader makes it, on the device."""
     dataset = data.SyntheticDataset(n_images=cfg['batch_size'], scene_size=2 * cfg['image_size'],
                                     image_size=cfg['image_size'], n_segments=cfg['superpixels'])
     batch = data.collate([dataset[(0, i)] for i in range(len(dataset))])
-    batch = {name: batch[name].to(device) for name in BATCH_KEYS}
-    if device.type == 'cuda':
-        batch = {name: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-                 for name, x in batch.items()}
-    return batch
+    return r2o.batch_to_device(batch, device, channels_last=device.type == 'cuda')
 
 
 def step_model(cfg, device):
@@ -233,7 +236,6 @@ def train_step(model, optimizer, batch, k, margs, device):
         masks1, masks2, _ = r2o.masks_for_batch(model, batch, k, margs)
         t.append(clock(device))
         loss, n_pairs = model(batch['view1'], batch['view2'], masks1, masks2)
-    loss.item()                                # train_one_epoch reads the loss every step
     t.append(clock(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -242,7 +244,7 @@ def train_step(model, optimizer, batch, k, margs, device):
     r2o.ema_update(model, 0.99)
     t.append(clock(device))
     ms = np.diff(t) * 1000
-    return dict(masks=ms[0], forward=ms[1], backward=ms[2], update=ms[3], total=ms.sum()), n_pairs
+    return dict(masks=ms[0], forward=ms[1], backward=ms[2], update=ms[3], total=ms.sum()), int(n_pairs)
 
 
 def bench_step(cfg, batch, device, margs, steps, warmup):
@@ -303,6 +305,38 @@ def pooled_superpixel_features(model, batch, device):
     return F.normalize(pooled[area > 0], dim=1)
 
 
+def kmeans_plus_plus(x, k, iters=30, generator=None):
+    """The baseline for r2o.kmeans's seeding: classic k-means++ (k sequential D^2 draws), then
+    the same Lloyd steps. Quality reference only."""
+    x = x.float()
+    n = x.shape[0]
+    sq = (x * x).sum(1)
+    picks = [torch.randint(n, (1,), device=x.device, generator=generator)]
+    closest = (sq + sq[picks[0]] - 2 * (x @ x[picks[0]][0])).clamp_min(0)
+    for _ in range(1, k):
+        pick = torch.multinomial(closest + 1e-12, 1, generator=generator)
+        picks.append(pick)
+        closest = torch.minimum(closest, (sq + sq[pick] - 2 * (x @ x[pick][0])).clamp_min(0))
+    centroids = x[torch.cat(picks)]
+    for _ in range(iters):
+        labels = torch.cdist(x, centroids).argmin(1)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        counts = torch.zeros(k, device=x.device).index_add_(0, labels, torch.ones(n, device=x.device))
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+    return torch.cdist(x, centroids).argmin(1), centroids
+
+
+def inertia(x, labels, centroids):
+    return ((x.float() - centroids[labels]) ** 2).sum().item()
+
+
+def planted_clusters(n, dim, k, device, noise=0.5):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(k, dim, generator=g)
+    x = centres[torch.randint(k, (n,), generator=g)] + noise * torch.randn(n, dim, generator=g)
+    return F.normalize(x, dim=1).to(device)
+
+
 def bench_kmeans(model, batch, step, device, quick, iters):
     n_images = 4 if quick else 32
     torch.manual_seed(0)
@@ -322,7 +356,106 @@ def bench_kmeans(model, batch, step, device, quick, iters):
             entry[f'ms_k{k}'] = ms
             entry[f'fraction_of_r2o_step_k{k}'] = ms / step['variants'][k]['ms']['total']
         out[name] = entry
+    # quality: inertia after the same Lloyd steps, ours vs k-means++ seeding, mean over seeds
+    n = 664 if quick else 2654                   # the paper-size figure of the GPU target
+    quality = {f'planted: {n} x 1024, 128 clusters': (planted_clusters(n, 1024, 128, device), 128),
+               f'real: {real.shape[0]} x {real.shape[1]} (step\'s layer3), K=128': (real, 128),
+               f'real: {real.shape[0]} x {real.shape[1]} (step\'s layer3), K=4': (real, 4)}
+    seeds = 2 if quick else 5
+    for name, (x, k) in quality.items():
+        ours, base = [], []
+        for s in range(seeds):
+            g = torch.Generator(device=device).manual_seed(s)
+            ours.append(inertia(x, *r2o.kmeans(x, k, iters, g)))
+            g = torch.Generator(device=device).manual_seed(s)
+            base.append(inertia(x, *kmeans_plus_plus(x, k, iters, g)))
+        out[f'quality, {name}'] = dict(
+            rows=x.shape[0], dim=x.shape[1], k=k, seeds=seeds, inertia_ours=statistics.mean(ours),
+            inertia_kmeans_plus_plus=statistics.mean(base),
+            ratio=(statistics.mean(ours) + 1e-9) / (statistics.mean(base) + 1e-9),
+            ms_ours=median_ms(lambda: r2o.kmeans(x, k, iters), 1 if quick else 5, device),
+            ms_kmeans_plus_plus=median_ms(lambda: kmeans_plus_plus(x, k, iters), 1 if quick else 3,
+                                          device))
     return out
+
+
+# ================================ part 6: the real training loop ================================
+
+def bench_loop(scenes, cfg, device, quick, step_ms):
+    """r2o.train_one_epoch as r2o.main runs it: JPEG scenes from an ImageFolderDataset, loader
+    workers, cached superpixels (a first epoch fills the cache), a fixed number of steps; its
+    img/s against the bench step's (part 2, K=4) for the same model and batch."""
+    steps = 2 if quick else 12
+    workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+    folder = scenes.parent / 'loop'
+    folder.mkdir(exist_ok=True)
+    files = sorted(scenes.glob('*.jpg'))
+    for i in range(cfg['batch_size'] * steps):   # as many files as the steps need, by link
+        target = folder / f'{i:05d}.jpg'
+        if not target.exists():
+            os.link(files[i % len(files)], target)
+    argv = ['--data', str(folder), '--arch', cfg['arch'], '--image-size', str(cfg['image_size']),
+            '--batch-size', str(cfg['batch_size']), '--superpixels', str(cfg['superpixels']),
+            '--k-schedule', 'constant', '--k-max', '4', '--epochs', '2', '--workers', str(workers),
+            '--superpixel-cache', str(scenes.parent / 'loop-cache'), '--device', str(device),
+            '--print-freq', '1000000', '--output-dir', str(scenes.parent / 'loop-out')]
+    args = r2o.resolve_args(r2o.get_args_parser().parse_args(argv))
+    dataset = r2o.build_dataset(args)
+    sampler, loader = r2o.build_loader(dataset, args, 0, 1, device)
+    model, optimizer = step_model(cfg, device)
+    run = r2o.run_constants(args, 0, 1, device, len(loader))
+    out = dict(steps=steps, workers=workers, k=4)
+    for epoch in (0, 1):                         # epoch 1 fills the superpixel cache
+        sampler.set_epoch(epoch)
+        _, stats = r2o.train_one_epoch(model, model, loader, optimizer, epoch, 0, args, run)
+    out['loop_img_s'] = stats['images_per_s']
+    out['step_img_s'] = cfg['batch_size'] / step_ms * 1000
+    out['loop_over_step'] = out['loop_img_s'] / out['step_img_s']
+    return out
+
+
+# ================================ part 7: big per-GPU batches, clustered in groups ================================
+
+def bench_batches(cfg, device, quick, iters, reps):
+    """img/s of a whole step at growing per-GPU batches, k-means over each 32 images
+    (--cluster-batch 32, the paper's clustering semantics), K=128."""
+    sizes = (8, 16) if quick else ((32, 128, 256) if device.type == 'cuda' else (32, 64))
+    out = {}
+    for b in sizes:
+        c = dict(cfg, batch_size=b)
+        batch = step_batch(c, device)
+        model, optimizer = step_model(c, device)
+        margs = step_args(c, iters, cluster_batch=min(32, b))
+        train_step(model, optimizer, batch, 128, margs, device)
+        ms = statistics.median(train_step(model, optimizer, batch, 128, margs, device)[0]['total']
+                               for _ in range(reps))
+        out[b] = dict(ms=ms, img_s=b / ms * 1000, cluster_batch=min(32, b))
+        del model, optimizer, batch
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return out
+
+
+def count_syncs(model, optimizer, batch, margs, device):
+    """Host-device synchronisations in one step (K=128) as train_one_epoch takes it, counted
+    with torch.cuda.set_sync_debug_mode('warn'). GPU only."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            with autocast_for(device):
+                g = torch.Generator(device=device).manual_seed(0)
+                masks1, masks2, _ = r2o.masks_for_batch(model, batch, 128, margs, g)
+                loss, _ = model(batch['view1'], batch['view2'], masks1, masks2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            r2o.ema_update(model, 0.99)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = [str(w.message).splitlines()[0][:120] for w in caught]
+    return dict(count=len(where), first=where[:5])
 
 
 # ================================ part 4: peak memory ================================
@@ -348,7 +481,7 @@ def memory_child(k, quick, device, iters):
     """Runs in a fresh process: how far RSS rises above its resting level during one step."""
     torch.set_num_threads(1)                   # three of these run at once; memory is per process
     cfg = step_config(device, quick)
-    margs = argparse.Namespace(image_size=cfg['image_size'], kmeans_iters=iters)
+    margs = step_args(cfg, iters)
     batch = step_batch(cfg, device)
     model, optimizer = step_model(cfg, device)
     # the first steps allocate the LARS buffers and page in torch's kernels: not the step's cost
@@ -482,17 +615,35 @@ def summary_rows(res):
                      f'no superpixels {L["ms_per_sample_no_superpixels"]:.1f}',
                      f'{L["cached_over_no_superpixels"]:.2f}x', '<= 1.1x',
                      verdict(L['cached_over_no_superpixels'] <= 1.1)))
+    gpu = res['machine']['device'].startswith('cuda')
     if 'step' in res:
         S = res['step']
         c = S['config']
         byol = S['variants'][1]['ms']['total']
         for k in K_R2O:
             v = S['variants'][k]
+            limit = ({128: 1.15, 4: 1.05} if gpu else {128: 1.3, 4: 1.3})[k]
             rows.append((f'step R2O K={k} ({c["arch"]} {c["image_size"]}px b{c["batch_size"]})',
                          f'{v["ms"]["total"]:.0f} ms', f'BYOL {byol:.0f}', f'{v["over_byol"]:.2f}x',
-                         '<= 1.3x', verdict(v['over_byol'] <= 1.3)))
+                         f'<= {limit}x', verdict(v['over_byol'] <= limit)))
+        update = S['variants'][K_R2O[0]]['ms']['update']
+        rows.append(('LARS + EMA per step', f'{update:.1f} ms', f'step {S["variants"][K_R2O[0]]["ms"]["total"]:.0f}',
+                     f'{100 * update / S["variants"][K_R2O[0]]["ms"]["total"]:.1f}%',
+                     '<= 4 ms' if gpu else '(info)', verdict(update <= 4) if gpu else ''))
+        if 'syncs' in S:
+            rows.append(('host syncs in one step', str(S['syncs']['count']), '', '', '(info)', ''))
     if 'kmeans' in res:
         for name, entry in res['kmeans'].items():
+            if name.startswith('quality'):
+                rows.append((f'kmeans inertia vs k-means++, {name[9:]}', f'{entry["inertia_ours"]:.1f}',
+                             f'k-means++ {entry["inertia_kmeans_plus_plus"]:.1f}', f'{entry["ratio"]:.4f}',
+                             '<= 1.01', verdict(entry['ratio'] <= 1.01)))
+                if entry['k'] == 128 and name.startswith('quality, planted'):
+                    rows.append((f'kmeans time, {name[18:]}', f'{entry["ms_ours"]:.1f} ms',
+                                 f'k-means++ {entry["ms_kmeans_plus_plus"]:.1f}',
+                                 f'{entry["ms_kmeans_plus_plus"] / entry["ms_ours"]:.2f}x faster',
+                                 '<= 3 ms' if gpu else '(info)', verdict(entry['ms_ours'] <= 3) if gpu else ''))
+                continue
             on_step = name.startswith('step size')
             for k in K_R2O:
                 frac = entry[f'fraction_of_r2o_step_k{k}']
@@ -500,6 +651,18 @@ def summary_rows(res):
                 rows.append((f'kmeans K={k}, {entry["rows"]}x{entry["dim"]}', f'{entry[f"ms_k{k}"]:.1f} ms',
                              f'R2O step {step_ms:.0f}', f'{100 * frac:.1f}%',
                              '<= 10%' if on_step else '(info)', verdict(frac <= 0.10) if on_step else ''))
+    if 'loop' in res:
+        L = res['loop']
+        rows.append((f'training loop, {L["workers"]} workers, K=4', f'{L["loop_img_s"]:.1f} img/s',
+                     f'bench step {L["step_img_s"]:.1f}', f'{L["loop_over_step"]:.2f}x',
+                     '>= 0.9x' if gpu else '(info)', verdict(L['loop_over_step'] >= 0.9) if gpu else ''))
+    if 'batches' in res:
+        B = res['batches']
+        first = min(B)
+        for b, e in B.items():
+            rows.append((f'step img/s, batch {b}, --cluster-batch {e["cluster_batch"]}, K=128',
+                         f'{e["img_s"]:.1f} img/s', f'batch {first}: {B[first]["img_s"]:.1f}',
+                         f'{e["img_s"] / B[first]["img_s"]:.2f}x', '(info)', ''))
     if 'memory' in res:
         M = res['memory']
         key = 'step_peak_growth_mib'
@@ -556,6 +719,8 @@ def print_details(res):
                   f'{v["mask_pairs_per_image"]:.1f} mask pairs/image')
         print('   masks_for_batch piece by piece: ' +
               ', '.join(f'{name} {ms:.1f}' for name, ms in S['refinement'].items()))
+        if 'syncs' in S:
+            print(f'   host syncs in one K=128 step: {S["syncs"]["count"]}; first: {S["syncs"]["first"]}')
     if 'kmeans' in res:
         arch = res['step']['config']['arch']
         note = ('' if arch == 'resnet50' else f' Part 2 ran {arch}, whose layer3 has '
@@ -565,6 +730,11 @@ def print_details(res):
               f'fraction of the R2O step of part 2 at the same K. The step-size row is the k-means that '
               f'step runs, the one the target applies to.{note}')
         for name, e in res['kmeans'].items():
+            if name.startswith('quality'):
+                print(f'   {name}: inertia {e["inertia_ours"]:.2f} (ours) vs {e["inertia_kmeans_plus_plus"]:.2f} '
+                      f'(k-means++ seeding, same Lloyd steps), ratio {e["ratio"]:.4f}, mean of {e["seeds"]} '
+                      f'seeds; {e["ms_ours"]:.1f} vs {e["ms_kmeans_plus_plus"]:.1f} ms')
+                continue
             print(f'   {name}: ' + ', '.join(
                 f'K={k} {e[f"ms_k{k}"]:.1f} ms ({100 * e[f"fraction_of_r2o_step_k{k}"]:.1f}%)' for k in K_R2O))
     if 'memory' in res:
@@ -573,6 +743,14 @@ def print_details(res):
         for k in (*K_R2O, 1):
             print(f'   K={k:<4} ' + ', '.join(f'{n} {v:.0f}' for n, v in M[k].items()
                                          if n not in ('k', 'peak_reset')))
+    if 'loop' in res:
+        L = res['loop']
+        print(f'\n6. r2o.train_one_epoch on JPEG scenes, {L["steps"]} steps, {L["workers"]} loader workers, '
+              f'superpixels cached, K={L["k"]}: {L["loop_img_s"]:.1f} img/s against {L["step_img_s"]:.1f} '
+              f'for the bench step alone ({100 * L["loop_over_step"]:.0f}%)')
+    if 'batches' in res:
+        print('\n7. whole step, K=128, k-means per 32 images: ' + ', '.join(
+            f'batch {b} {e["ms"]:.0f} ms = {e["img_s"]:.1f} img/s' for b, e in res['batches'].items()))
     if 'slic' in res:
         P = res['slic']
         print(f'\n5. SLIC ({P["n_segments"]} segments) on {P["images"]} scenes resized to 224 vs 112, maps at '
@@ -590,10 +768,10 @@ def main(args):
     if args.memory_child is not None:
         return memory_child(args.memory_child, args.quick, device, args.kmeans_iters)
     parts = set(args.parts.split(','))
-    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'slic'}
+    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'slic', 'loop', 'batches'}
     if unknown:
         raise SystemExit(f'--parts: unknown {", ".join(sorted(unknown))}')
-    if parts & {'kmeans', 'memory'}:
+    if parts & {'kmeans', 'memory', 'loop'}:
         parts.add('step')                      # their fractions and batch come from part 2
     q = args.quick
     pick = lambda given, full, quick: given if given is not None else (quick if q else full)
@@ -614,10 +792,11 @@ def main(args):
 
     with tempfile.TemporaryDirectory(prefix='r2o-bench-') as tmp:
         tmp = Path(tmp)
-        if parts & {'loader', 'slic'}:
+        if parts & {'loader', 'slic', 'loop'}:
             begin('0. writing scenes')
             scenes = write_scenes(tmp / 'scenes', max(n_loader if 'loader' in parts else 0,
-                                                      n_slic if 'slic' in parts else 0), args.scene_size)
+                                                      n_slic if 'slic' in parts else 0,
+                                                      8 if 'loop' in parts else 0), args.scene_size)
             end('0. writing scenes')
         if 'loader' in parts:
             begin('1. loader')
@@ -626,10 +805,13 @@ def main(args):
         if 'step' in parts:
             begin('2. training step')
             cfg = step_config(device, q)
-            margs = argparse.Namespace(image_size=cfg['image_size'], kmeans_iters=args.kmeans_iters)
+            margs = step_args(cfg, args.kmeans_iters)
             batch = step_batch(cfg, device)
             res['step'], model = bench_step(cfg, batch, device, margs, pick(args.steps, 8, 1),
                                             pick(args.warmup, 2, 1))
+            if device.type == 'cuda':
+                res['step']['syncs'] = count_syncs(model, r2o.LARS(r2o.lars_param_groups(model)),
+                                                   batch, margs, device)
             end('2. training step')
         if 'kmeans' in parts:
             begin('3. k-means')
@@ -645,6 +827,15 @@ def main(args):
             begin('5. SLIC at 112')
             res['slic'] = bench_slic(scenes, n_slic)
             end('5. SLIC at 112')
+        if 'loop' in parts:
+            begin('6. training loop')
+            res['loop'] = bench_loop(scenes, cfg, device, q, res['step']['variants'][4]['ms']['total'])
+            end('6. training loop')
+        if 'batches' in parts:
+            begin('7. batch sizes')
+            cfg = step_config(device, q)
+            res['batches'] = bench_batches(cfg, device, q, args.kmeans_iters, pick(args.steps, 5, 1))
+            end('7. batch sizes')
     res['machine']['load_average_at_end'] = [round(x, 2) for x in os.getloadavg()]
     res['machine']['busy_cores_at_end'] = busy_cores()
     res['wall_s'] = round(time.perf_counter() - start, 1)

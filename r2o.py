@@ -482,7 +482,6 @@ def get_args_parser(add_help=True):
                         'start again with the same command to continue')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
                    help='bf16 autocast where the device supports it (never on CPU)')
-    g.add_argument('--compile', action='store_true', help='torch.compile the encoders (GPU)')
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     return p
 
@@ -673,6 +672,33 @@ def masks_for_batch(model, batch, k, args, generator=None):
             view_masks(labels, boxes[:, 1], flips[:, 1], k, g), k)
 
 
+BATCH_TENSORS = ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')
+
+
+def batch_to_device(batch, device, channels_last=False):
+    """Copy a loader batch to `device` without waiting for the copy (pinned memory on CUDA), and
+    note its number of superpixel ids while it is still on the host."""
+    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
+    for name in BATCH_TENSORS:
+        batch[name] = batch[name].to(device, non_blocking=True)
+        if channels_last and batch[name].dim() == 4:
+            batch[name] = batch[name].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def batches_on_device(loader, device, channels_last=False):
+    """The loader's batches on `device`, each one's copy queued before the previous step's
+    work, so the GPU never waits for a host-to-device copy."""
+    ahead = None
+    for batch in loader:
+        batch = batch_to_device(batch, device, channels_last)
+        if ahead is not None:
+            yield ahead
+        ahead = batch
+    if ahead is not None:
+        yield ahead
+
+
 def train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run):
     """One pass over the loader. `run` holds the run-wide constants (device, sizes, schedules).
     Returns the step count and a dict of epoch statistics.
@@ -689,17 +715,11 @@ def train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run)
     sums = torch.zeros(2, dtype=torch.float64, device=device)     # loss, mask pairs
     seen, bad, checked = 0, [], 0
     start = time.time()
-    for it, batch in enumerate(loader):
+    for it, batch in enumerate(batches_on_device(loader, device, run['channels_last'])):
         lr = learning_rate(step, run['total_steps'], run['warmup_steps'], run['base_lr']) * lr_scale
         momentum = ema_momentum(step, run['total_steps'], args.ema)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        batch['n_superpixels'] = int(batch['superpixels'].max()) + 1   # on the host: no sync
-        for name in ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips'):
-            batch[name] = batch[name].to(device, non_blocking=True)
-            if run['channels_last'] and batch[name].dim() == 4:
-                batch[name] = batch[name].contiguous(memory_format=torch.channels_last)
-
         with autocast:
             masks1, masks2, k_used = masks_for_batch(
                 model, batch, k, args, step_generator(args, run['rank'], step, device))
@@ -768,6 +788,29 @@ def build_dataset(args):
     return data.ImageFolderDataset(args.data, **common)
 
 
+def build_loader(dataset, args, rank, world, device):
+    """This rank's shard of a seeded, per-epoch shuffle, in batches of args.batch_size."""
+    sampler = data.EpochSampler(torch.utils.data.DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        collate_fn=data.collate, pin_memory=device.type == 'cuda', drop_last=True,
+        persistent_workers=args.workers > 0)
+    if len(loader) == 0:
+        raise data.DataError(f'{len(dataset)} images are fewer than one batch of '
+                             f'{args.batch_size} x {world} processes')
+    return sampler, loader
+
+
+def run_constants(args, rank, world, device, steps_per_epoch):
+    """What train_one_epoch needs besides the model and data: device, schedule lengths, lr."""
+    return dict(device=device, rank=rank, world=world, total_steps=args.epochs * steps_per_epoch,
+                warmup_steps=int(args.warmup_epochs * steps_per_epoch),
+                base_lr=args.lr * args.batch_size * world / 256, channels_last=device.type == 'cuda',
+                bf16=args.amp and device.type == 'cuda' and torch.cuda.is_bf16_supported(),
+                last_epoch=args.epochs)
+
+
 def main(args):
     resolve_args(args)
     ddp, rank, world, device = setup_distributed(args)
@@ -780,15 +823,7 @@ def main(args):
 
     # ===== preparing data =====
     dataset = build_dataset(args)
-    sampler = data.EpochSampler(torch.utils.data.DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        collate_fn=data.collate, pin_memory=device.type == 'cuda', drop_last=True,
-        persistent_workers=args.workers > 0)
-    if len(loader) == 0:
-        raise data.DataError(f'{len(dataset)} images are fewer than one batch of '
-                             f'{args.batch_size} x {world} processes')
+    sampler, loader = build_loader(dataset, args, rank, world, device)
     # the pictures show 8 images spread evenly over the dataset (not one class's first 8)
     vis = data.collate([dataset[(0, int(i))]
                         for i in np.unique(np.linspace(0, len(dataset) - 1, 8).round())])
@@ -797,18 +832,14 @@ def main(args):
     model = build_model(args).to(device)
     if ddp and device.type == 'cuda':      # SyncBatchNorm needs GPUs; gloo ranks keep plain BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = device.type == 'cuda'
-    if channels_last:
+    run = run_constants(args, rank, world, device, len(loader))
+    if run['channels_last']:
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARS(lars_param_groups(model), weight_decay=args.weight_decay)
 
     # ===== schedules =====
     steps_per_epoch = len(loader)
     global_batch = args.batch_size * world
-    run = dict(device=device, rank=rank, world=world, total_steps=args.epochs * steps_per_epoch,
-               warmup_steps=int(args.warmup_epochs * steps_per_epoch),
-               base_lr=args.lr * global_batch / 256, channels_last=channels_last,
-               bf16=args.amp and device.type == 'cuda' and torch.cuda.is_bf16_supported())
     if rank == 0:
         print(f'{len(dataset)} images, {world} process(es) x batch {args.batch_size} = global '
               f'{global_batch}, {steps_per_epoch} steps/epoch, lr {run["base_lr"]:.4g}'
@@ -829,9 +860,6 @@ def main(args):
     if ddp:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if args.compile:
-        global encoder_features
-        encoder_features = torch.compile(encoder_features)
 
     # ===== training =====
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)

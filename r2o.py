@@ -599,6 +599,12 @@ def colorize(labels, size):
     return (colors * shade).astype(np.uint8)
 
 
+def picture_indices(n_images, count=8):
+    """Which images the mask pictures show: `count` spread evenly over the dataset (its first
+    images would be one class of ImageNet's sorted folders), the same all run long."""
+    return sorted({int(i) for i in np.linspace(0, n_images - 1, count).round()})
+
+
 def mask_picture(images, superpixels, labels, path, title, scale=3):
     """PNG grid: one row per image: image | superpixels | refined masks (over the image)."""
     size = images[0].shape[0] * scale
@@ -824,9 +830,7 @@ def main(args):
     # ===== preparing data =====
     dataset = build_dataset(args)
     sampler, loader = build_loader(dataset, args, rank, world, device)
-    # the pictures show 8 images spread evenly over the dataset (not one class's first 8)
-    vis = data.collate([dataset[(0, int(i))]
-                        for i in np.unique(np.linspace(0, len(dataset) - 1, 8).round())])
+    vis = data.collate([dataset[(0, i)] for i in picture_indices(len(dataset))])
 
     # ===== building networks and optimizer =====
     model = build_model(args).to(device)

@@ -585,6 +585,14 @@ def test_resume_refuses_other_settings(tmp_path):
         r2o.main(tiny_args(tmp_path, 'run', '--arch', 'resnet34'))
 
 
+def test_mask_pictures_show_images_spread_over_the_dataset():
+    picks = r2o.picture_indices(100_000)             # e.g. ImageNet: 8 classes apart, not one
+    gaps = np.diff(picks)
+    assert len(picks) == 8 and picks[0] == 0 and picks[-1] == 99_999
+    assert gaps.min() >= 14_285 and gaps.max() <= 14_286
+    assert r2o.picture_indices(5) == [0, 1, 2, 3, 4]    # fewer images than pictures: all
+
+
 def test_backbone_loads_into_torchvision_resnet(tmp_path):
     r2o.main(tiny_args(tmp_path, 'export', '--epochs', '1'))
     state = torch.load(tmp_path / 'export' / 'backbone.pt', weights_only=True)
@@ -710,43 +718,42 @@ def test_cluster_batch_refines_each_group_on_its_own(tmp_path):
 
 # ================================ on a GPU (skipped without one) ================================
 
-def gpu_step(tmp_path, channels_last=False, bf16=False):
-    """One training step of the small model on the GPU; returns the loss and the new weights."""
+def gpu_step(tmp_path, masks=None, channels_last=False, bf16=False):
+    """One training step of the small model on the GPU (masks refined here, or given); returns
+    the loss, conv1's new weights and the masks."""
     args = tiny_args(tmp_path, 'gpu', '--device', 'cuda', '--image-size', '64')
     r2o.resolve_args(args)
     dataset = r2o.build_dataset(args)
-    batch = data.collate([dataset[(0, i)] for i in range(8)])
-    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
     device = torch.device('cuda')
+    batch = r2o.batch_to_device(data.collate([dataset[(0, i)] for i in range(8)]), device,
+                                channels_last)
     model = small_model().to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    for name in ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips'):
-        batch[name] = batch[name].to(device)
-        if batch[name].dim() == 4:
-            batch[name] = batch[name].contiguous(memory_format=fmt)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = r2o.LARS(r2o.lars_param_groups(model))
     for group in opt.param_groups:
         group['lr'] = 0.5
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16)
-    with autocast:
-        m1, m2, _ = r2o.masks_for_batch(model, batch, 4, args,
-                                        torch.Generator(device=device).manual_seed(0))
-        loss, pairs = model(batch['view1'], batch['view2'], m1, m2)
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
+        if masks is None:
+            masks = r2o.masks_for_batch(model, batch, 4, args,
+                                        torch.Generator(device=device).manual_seed(0))[:2]
+        loss, pairs = model(batch['view1'], batch['view2'], *masks)
     loss.backward()
     opt.step()
     r2o.ema_update(model, 0.99)
-    return loss.item(), model.encoder.conv1.weight.detach().float().cpu()
+    return loss.item(), model.encoder.conv1.weight.detach().float().cpu(), masks
 
 
 @requires_cuda
 def test_gpu_bf16_and_channels_last_steps_agree_with_fp32(tmp_path):
-    loss32, w32 = gpu_step(tmp_path)
-    loss_cl, w_cl = gpu_step(tmp_path, channels_last=True)
-    loss16, w16 = gpu_step(tmp_path, channels_last=True, bf16=True)
+    loss32, w32, masks = gpu_step(tmp_path)
+    assert masks[0].is_cuda and torch.allclose(masks[0].sum(1), torch.ones_like(masks[0][:, 0]),
+                                               atol=1e-4)
+    loss_cl, w_cl, _ = gpu_step(tmp_path, masks, channels_last=True)
+    loss16, w16, _ = gpu_step(tmp_path, masks, channels_last=True, bf16=True)
+    assert math.isfinite(loss32) and abs(loss_cl - loss32) < 1e-2
     assert math.isfinite(loss16) and abs(loss16 - loss32) < 0.05
-    assert abs(loss_cl - loss32) < 1e-3 and torch.allclose(w_cl, w32, atol=1e-4)
-    assert torch.isfinite(w16).all()
+    assert torch.allclose(w_cl, w32, atol=1e-4) and torch.isfinite(w16).all()
 
 
 @requires_cuda
@@ -762,11 +769,12 @@ def test_gpu_torchrun_one_nccl_process(tmp_path):
 @requires_cuda
 def test_gpu_eval_cub_matches_the_cpu(tmp_path):
     fake_checkpoint(tmp_path / 'checkpoint.pt')
-    on = {d: run_eval(tmp_path / 'checkpoint.pt', '--limit', 4, '--input-size', 64, '--device', d,
+    on = {d: run_eval(tmp_path / 'checkpoint.pt', '--limit', 16, '--input-size', 64, '--device', d,
                       '--out', tmp_path / f'{d}.json') for d in ('cpu', 'cuda')}
-    for rule in ('majority', 'label_free'):
+    assert on['cuda']['n_images'] == 16
+    for rule in ('majority', 'label_free'):     # k-means draws differ between CPU and CUDA
         assert on['cuda']['metrics'][rule]['fg_iou'] == pytest.approx(
-            on['cpu']['metrics'][rule]['fg_iou'], abs=0.05)
+            on['cpu']['metrics'][rule]['fg_iou'], abs=0.1)
 
 
 # ================================ eval_cub.py: unsupervised segmentation ================================

@@ -9,6 +9,8 @@ One GPU:
     python r2o.py --data /path/to/imagenet
 One node, 8 GPUs (the paper's per-GPU batch of 32, global 256, lr 0.3):
     torchrun --nproc_per_node=8 r2o.py --data /path/to/imagenet
+The paper's global batch of 4096 on 8 large GPUs, k-means still over each 32 images:
+    torchrun --nproc_per_node=8 r2o.py --data /path/to/imagenet --batch-size 512 --cluster-batch 32
 Several nodes (run on each, with its --node_rank):
     torchrun --nnodes=4 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
         r2o.py --data /path/to/imagenet

@@ -431,7 +431,8 @@ def get_args_parser(add_help=True):
     g.add_argument('--head-rows', default='all', choices=['all', 'overlap'],
                    help='which pooled masks go through projector and predictor: all of them, empty '
                         'ones as zero rows, the loss masked afterwards (the reference: BatchNorm '
-                        'statistics include the empty rows), or only the pairs present in both views')
+                        'statistics include the empty rows), or only the pairs present in both views '
+                        '(far cheaper at large K where the network is small, e.g. on a CPU)')
     g.add_argument('--mask-pool', default='reference', choices=['reference', 'average'],
                    help='pool a mask\'s features as their sum / max(area, 1 cell) (the reference: '
                         'masks under one cell are summed) or as the masked average')

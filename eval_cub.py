@@ -516,10 +516,9 @@ def resnet_state(obj, encoder=None):
         return state, dict(kind='authors-checkpoint', encoder=which, epoch=obj.get('epoch'))
     d2 = strip_prefixes({k: weights[k] for k in keys}, ('module.', 'backbone.', 'bottom_up.'))
     if 'stem.conv1.weight' in d2:
-        state = {}
-        for name, value in d2.items():
-            if d2_to_torchvision(name):  # the ResNet only: a detector's FPN and heads are not
-                state[d2_to_torchvision(name)] = as_tensor(value)
+        # the ResNet only: a detector's FPN and heads have no torchvision name
+        state = {tv: as_tensor(value) for name, value in d2.items()
+                 if (tv := d2_to_torchvision(name)) is not None}
         return state, dict(kind='detectron2', encoder=None)
     state = strip_prefixes({k: weights[k] for k in keys}, ('module.', 'encoder.', 'backbone.'))
     if 'conv1.weight' in state and 'layer3.0.conv1.weight' in state:

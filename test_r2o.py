@@ -39,6 +39,15 @@ def tiny_args(tmp_path, name, *extra):
     return r2o.get_args_parser().parse_args(tiny_argv(tmp_path, name, *extra))
 
 
+def tiny_batch(tmp_path, name, *extra, device='cpu', channels_last=False):
+    """The resolved arguments of a tiny run and its first 8 samples as a batch on `device`,
+    prepared as the training loop prepares one."""
+    args = r2o.resolve_args(tiny_args(tmp_path, name, *extra))
+    dataset = r2o.build_dataset(args)
+    batch = data.collate([dataset[(0, i)] for i in range(8)])
+    return args, r2o.batch_to_device(batch, torch.device(device), channels_last)
+
+
 def run_cli(*argv, cwd=HERE, env=None):
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
@@ -280,12 +289,8 @@ def reference_style_loss(model, v1, v2, m1, m2):
 
 
 def test_default_step_computes_the_reference_loss_and_gradients(tmp_path):
-    args = tiny_args(tmp_path, 'ref')
-    r2o.resolve_args(args)
-    dataset = r2o.build_dataset(args)
-    batch = data.collate([dataset[(0, i)] for i in range(8)])
+    args, batch = tiny_batch(tmp_path, 'ref')
     model = r2o.build_model(args)
-    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
     g = torch.Generator().manual_seed(0)
     m1, m2, k = r2o.masks_for_batch(model, batch, 6, args, g)
     m1[0, :] = 0
@@ -393,17 +398,13 @@ def test_lars_step_applies_the_trust_ratio_only_to_weights():
 # ================================ a training step ================================
 
 def test_one_step_changes_online_weights_and_ema_moves_target(tmp_path):
-    args = tiny_args(tmp_path, 'step')
-    r2o.resolve_args(args)
-    dataset = r2o.build_dataset(args)
-    batch = data.collate([dataset[(0, i)] for i in range(8)])
+    args, batch = tiny_batch(tmp_path, 'step')
     model = small_model()
     opt = r2o.LARS(r2o.lars_param_groups(model))
     for g in opt.param_groups:
         g['lr'] = 0.5
     online0 = [p.detach().clone() for p in model.encoder.parameters()]
     target0 = [p.detach().clone() for p in model.target_encoder.parameters()]
-    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
     masks1, masks2, k = r2o.masks_for_batch(model, batch, 4, args)
     assert masks1.shape == (8, 4, 1) and k == 4
     loss, _ = model(batch['view1'], batch['view2'], masks1, masks2)
@@ -698,11 +699,8 @@ def test_damaged_checkpoint_is_one_line_and_exit_status_2(tmp_path):
 
 
 def test_cluster_batch_refines_each_group_on_its_own(tmp_path):
-    args = tiny_args(tmp_path, 'groups', '--cluster-batch', '4')
-    r2o.resolve_args(args)
-    dataset = r2o.build_dataset(args)
-    batch = data.collate([dataset[(0, i)] for i in range(8)])
-    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1   # the row padding, kept alike
+    args, batch = tiny_batch(tmp_path, 'groups', '--cluster-batch', '4')
+    # the halves below keep the whole batch's n_superpixels: the same row padding for k-means
     model = small_model()
     grouped = r2o.masks_for_batch(model, batch, 3, args, torch.Generator().manual_seed(5))
     args.cluster_batch = None
@@ -721,12 +719,9 @@ def test_cluster_batch_refines_each_group_on_its_own(tmp_path):
 def gpu_step(tmp_path, masks=None, channels_last=False, bf16=False):
     """One training step of the small model on the GPU (masks refined here, or given); returns
     the loss, conv1's new weights and the masks."""
-    args = tiny_args(tmp_path, 'gpu', '--device', 'cuda', '--image-size', '64')
-    r2o.resolve_args(args)
-    dataset = r2o.build_dataset(args)
+    args, batch = tiny_batch(tmp_path, 'gpu', '--device', 'cuda', '--image-size', '64',
+                             device='cuda', channels_last=channels_last)
     device = torch.device('cuda')
-    batch = r2o.batch_to_device(data.collate([dataset[(0, i)] for i in range(8)]), device,
-                                channels_last)
     model = small_model().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -416,6 +416,10 @@ def get_args_parser(add_help=True):
                         'epoch and by every run on the same data); "none" recomputes SLIC every time')
     g.add_argument('--flip-p', type=float, default=0.5,
                    help='horizontal flip probability per view (the reference code flips always: 1.0)')
+    g.add_argument('--blur', default='pillow', choices=['pillow', 'kernel23'],
+                   help='Gaussian blur of the views: Pillow\'s box-filter approximation, or a true '
+                        'Gaussian with a 23 x 23 kernel as the reference (several times slower in '
+                        'the loader)')
     g.add_argument('--workers', type=int, default=None, help='loader processes per GPU (8; preset 2)')
     g.add_argument('--max-bad-fraction', type=float, default=0.01,
                    help='stop if more than this fraction of the images read so far are unreadable')
@@ -790,7 +794,7 @@ def build_dataset(args):
     common = dict(image_size=args.image_size, n_segments=args.superpixels, slic_size=args.slic_size,
                   slic_compactness=args.slic_compactness, slic_sigma=args.slic_sigma,
                   slic_input=args.slic_input,
-                  flip_p=args.flip_p, cache_dir=cache, seed=args.seed)
+                  flip_p=args.flip_p, blur=args.blur, cache_dir=cache, seed=args.seed)
     if args.data == 'synthetic':
         return data.SyntheticDataset(n_images=args.synthetic_images,
                                      scene_size=2 * args.image_size, **common)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -454,6 +455,23 @@ def test_sample_has_the_documented_shapes():
     assert ((0 <= x0) & (x0 < x1) & (x1 <= 1) & (0 <= y0) & (y0 < y1) & (y1 <= 1)).all()
     assert torch.equal(ds[(0, 1)]['view1'], s['view1'])                  # seeded per sample
     assert not torch.equal(ds[(1, 1)]['view1'], s['view1'])              # ...and per epoch
+
+
+def test_blur_is_pillows_approximation_or_the_references_gaussian():
+    img = Image.fromarray(data.synthetic_scene(0, 64)[0])
+    views = {}
+    for blur in ('pillow', 'kernel23'):
+        rng = random.Random(3)
+        views[blur] = np.asarray(data.color_augment(img, rng, 1.0, 0.0, jitter_p=0, gray_p=0,
+                                                    blur=blur), dtype=np.float64)
+    rng = random.Random(3)
+    for _ in range(3):                               # jitter, grayscale and blur coin flips
+        rng.random()
+    sigma = rng.uniform(0.1, 2.0)                    # the draw color_augment made
+    exact = np.asarray(torchvision.transforms.functional.gaussian_blur(img, 23, sigma))
+    assert np.array_equal(views['kernel23'], exact)
+    assert not np.array_equal(views['pillow'], exact)
+    assert np.abs(views['pillow'] - exact).mean() < 3       # the same blur, approximately
 
 
 def test_flipped_view_gets_a_flipped_mask_end_to_end():

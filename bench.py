@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from skimage.segmentation import find_boundaries
 
 import data
@@ -334,11 +335,30 @@ def inertia(x, labels, centroids):
     return ((x.float() - centroids[labels]) ** 2).sum().item()
 
 
-def planted_clusters(n, dim, k, device, noise=0.5):
-    g = torch.Generator().manual_seed(0)
+def planted_clusters(n, dim, k, device, noise=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
     centres = torch.randn(k, dim, generator=g)
     x = centres[torch.randint(k, (n,), generator=g)] + noise * torch.randn(n, dim, generator=g)
     return F.normalize(x, dim=1).to(device)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor operations that do work (views excluded). At k-means sizes a GPU
+    spends its time launching them, so the count predicts the GPU time on any machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_call(fn):
+    with OpCounter() as counter:
+        fn()
+    return counter.count
 
 
 def bench_kmeans(model, batch, step, device, quick, iters):
@@ -380,6 +400,18 @@ def bench_kmeans(model, batch, step, device, quick, iters):
             ms_ours=median_ms(lambda: r2o.kmeans(x, k, iters), 1 if quick else 5, device),
             ms_kmeans_plus_plus=median_ms(lambda: kmeans_plus_plus(x, k, iters), 1 if quick else 3,
                                           device))
+        if k == 128 and name.startswith('planted'):
+            out[f'quality, {name}'].update(
+                ops_ours=ops_per_call(lambda: r2o.kmeans(x, k, iters)),
+                ops_kmeans_plus_plus=ops_per_call(lambda: kmeans_plus_plus(x, k, iters)))
+    # one batch of 256 with --cluster-batch 32: 8 problems in one batched call or one by one
+    groups = 2 if quick else 8
+    x = torch.stack([planted_clusters(n, 1024, 128, device, seed=s) for s in range(groups)])
+    out['groups'] = dict(
+        groups=groups, rows=n, dim=1024, k=128,
+        ms_batched=median_ms(lambda: r2o.kmeans(x, 128, iters), 1 if quick else 3, device),
+        ms_one_by_one=median_ms(lambda: [r2o.kmeans(g, 128, iters) for g in x], 1 if quick else 3,
+                                device))
     return out
 
 
@@ -647,6 +679,16 @@ def summary_rows(res):
                                  f'k-means++ {entry["ms_kmeans_plus_plus"]:.1f}',
                                  f'{entry["ms_kmeans_plus_plus"] / entry["ms_ours"]:.2f}x faster',
                                  '<= 3 ms' if gpu else '(info)', verdict(entry['ms_ours'] <= 3) if gpu else ''))
+                if 'ops_ours' in entry:
+                    rows.append((f'kmeans tensor ops per call, {name[18:]}', str(entry['ops_ours']),
+                                 f'k-means++ {entry["ops_kmeans_plus_plus"]}',
+                                 f'{entry["ops_ours"] / entry["ops_kmeans_plus_plus"]:.2f}x', '(info)', ''))
+                continue
+            if name == 'groups':
+                rows.append((f'kmeans of {entry["groups"]} groups ({entry["rows"]}x{entry["dim"]}, K=128), '
+                             'one batched call', f'{entry["ms_batched"]:.1f} ms',
+                             f'one by one {entry["ms_one_by_one"]:.1f}',
+                             f'{entry["ms_one_by_one"] / entry["ms_batched"]:.2f}x faster', '(info)', ''))
                 continue
             on_step = name.startswith('step size')
             for k in K_R2O:
@@ -737,7 +779,14 @@ def print_details(res):
             if name.startswith('quality'):
                 print(f'   {name}: inertia {e["inertia_ours"]:.2f} (ours) vs {e["inertia_kmeans_plus_plus"]:.2f} '
                       f'(k-means++ seeding, same Lloyd steps), ratio {e["ratio"]:.4f}, mean of {e["seeds"]} '
-                      f'seeds; {e["ms_ours"]:.1f} vs {e["ms_kmeans_plus_plus"]:.1f} ms')
+                      f'seeds; {e["ms_ours"]:.1f} vs {e["ms_kmeans_plus_plus"]:.1f} ms' +
+                      (f'; {e["ops_ours"]} vs {e["ops_kmeans_plus_plus"]} tensor ops per call'
+                       if 'ops_ours' in e else ''))
+                continue
+            if name == 'groups':
+                print(f'   {e["groups"]} groups of {e["rows"]} x {e["dim"]}, K={e["k"]} (batch {32 * e["groups"]}, '
+                      f'--cluster-batch 32): one batched call {e["ms_batched"]:.1f} ms, one by one '
+                      f'{e["ms_one_by_one"]:.1f} ms')
                 continue
             print(f'   {name}: ' + ', '.join(
                 f'K={k} {e[f"ms_k{k}"]:.1f} ms ({100 * e[f"fraction_of_r2o_step_k{k}"]:.1f}%)' for k in K_R2O))

@@ -90,57 +90,81 @@ def superpixel_pool(features, superpixels, n_superpixels=None):
     return pooled / area.clamp_min(1e-6)[..., None], area
 
 
+def seeding_rounds(k):
+    """How many centres each round of kmeans' seeding adds: half as many as there are already,
+    after the first one (1, 1, 1, 2, 3, 4, 6, ... : 12 rounds for k=128)."""
+    sizes, have = [], 1
+    while have < k:
+        sizes.append(min(max(1, have // 2), k - have))
+        have += sizes[-1]
+    return sizes
+
+
 def kmeans(x, k, iters=30, generator=None, weight=None):
     """K-means of the rows of x (N x D) in fp32 on x's device: D^2 seeding in rounds, then a
     fixed number of Lloyd steps. Fixed work and no host sync, so a GPU never waits for Python.
 
+    x may also be G x N x D: G independent problems solved by the same kernels, exactly as G
+    calls in a row with one generator would solve them on a CPU (one launch per operation
+    instead of G, which is what a GPU pays for at these sizes).
+
     Seeding: k-means++ draws k centres one by one, each with probability proportional to D(x)^2,
     the squared distance to the nearest centre so far. Here each round draws, without
-    replacement, half as many new centres as there already are from that same distribution:
-    12 rounds instead of 128 sequential draws at k=128, with the inertia after the Lloyd steps
-    within 0.3% of k-means++'s (bench.py prints both). An empty cluster is re-seeded with the
-    point farthest from its own centroid, so no centroid is ever NaN.
-    weight: optional N 0/1 floats; rows of weight 0 are ignored (never centres, no pull on
-    centroids) yet still get a label. Lets a caller keep fixed shapes instead of selecting rows.
-    Returns labels (N,) int64 in [0, k) and centroids (k x D). k is capped at N.
+    replacement, half as many new centres as there already are from that same distribution
+    (seeding_rounds: 12 rounds instead of 128 sequential draws at k=128), with the inertia after
+    the Lloyd steps within 0.5% of k-means++'s (bench.py prints both). The draws are an
+    exponential race: the m points with the largest p / E, E ~ Exp(1) drawn up front, are m draws
+    without replacement in proportion to p. A cluster left empty by a Lloyd step restarts at a
+    far point: empty cluster j takes the j-th farthest point from its own centroid, so no
+    centroid is ever NaN.
+    weight: optional N (or G x N) 0/1 floats; rows of weight 0 are ignored (never centres unless
+    too few others, no pull on centroids) yet still get a label. Lets a caller keep fixed shapes
+    instead of selecting rows.
+    Returns labels (N,) int64 in [0, k) and centroids (k x D), with a leading G for 3-d x.
+    k is capped at N.
     """
+    batched = x.dim() == 3
     x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)   # a diverged net: no crash
-    n = x.shape[0]
+    x = x if batched else x[None]
+    G, n, D = x.shape
     k = min(k, n)
-    w = torch.ones(n, device=x.device) if weight is None else weight.float()
-    sq = (x * x).sum(1)
+    w = torch.ones(G, n, device=x.device) if weight is None else weight.float().view(G, n)
+    sq = (x * x).sum(-1)                                                   # G N
 
-    def sq_dist(c):                                      # N x len(c) squared distances, by matmul
-        return torch.addmm((c * c).sum(1)[None], x, c.T, alpha=-2).add_(sq[:, None]).clamp_min_(0)
+    def score(c):          # G x N x len(c): |c|^2 - 2 x.c, the squared distance less |x|^2
+        return torch.baddbmm((c * c).sum(-1)[:, None], x, c.transpose(1, 2), alpha=-2)
 
-    picks = torch.multinomial(w, 1, generator=generator)
-    closest = sq_dist(x[picks])[:, 0]
-    while picks.numel() < k:
-        m = min(max(1, picks.numel() // 2), k - picks.numel())
-        # + 1e-12: points equal to a centre keep a tiny weight, so m draws always exist
-        new = torch.multinomial((closest + 1e-12) * w, m, replacement=False, generator=generator)
-        closest = torch.minimum(closest, sq_dist(x[new]).amin(1))
-        picks = torch.cat([picks, new])
-    centroids = x[picks]
+    def rows(index):       # the rows of x at G x m indices: G x m x D
+        return x.gather(1, index[..., None].expand(-1, -1, D))
 
+    sizes = seeding_rounds(k)
+    race = torch.empty(G, len(sizes) + 1, n, device=x.device).exponential_(generator=generator)
+    race = w[:, None] / race                # weight-0 rows lose every race (key 0)
+    picks = race[:, 0].argmax(1, keepdim=True)                                # G x 1
+    closest = (score(rows(picks))[..., 0] + sq).clamp_min(0)
+    for r, m in enumerate(sizes, 1):
+        # + 1e-12: points equal to a centre keep a tiny chance, so m draws always exist
+        new = ((closest + 1e-12) * race[:, r]).topk(m, dim=1).indices
+        closest = torch.minimum(closest, (score(rows(new)).amin(-1) + sq).clamp_min(0))
+        picks = torch.cat([picks, new], 1)
+    centroids = rows(picks)                                                  # G k D
+
+    wx = torch.cat([x * w[..., None], w[..., None]], -1)   # weighted rows and weights, summed at once
+    sqw = sq * w
     for _ in range(iters):
-        d = sq_dist(centroids)
-        labels = d.argmin(1)
-        counts = torch.zeros(k, device=x.device).index_add_(0, labels, w)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x * w[:, None])
-        centroids = sums / counts.clamp_min(1)[:, None]
-        # re-seed empty clusters (no host sync): the e-th empty one takes the e-th farthest point
-        empty = counts == 0
-        own = d.gather(1, labels[:, None])[:, 0] * w
-        farthest = own.topk(k).indices
-        rank = (empty.cumsum(0) - 1).clamp(0, k - 1)
-        centroids = torch.where(empty[:, None], x[farthest[rank]], centroids)
-    labels = sq_dist(centroids).argmin(1)
-    return labels, centroids
+        nearest, labels = score(centroids).min(-1)
+        sums = torch.zeros(G, k, D + 1, device=x.device).scatter_add_(
+            1, labels[..., None].expand(-1, -1, D + 1), wx)
+        counts = sums[..., D:]
+        # an empty cluster j restarts at the j-th farthest point from its own centroid
+        farthest = torch.addcmul(sqw, nearest, w).topk(k, dim=1).indices
+        centroids = torch.where(counts == 0, rows(farthest), sums[..., :D] / counts.clamp_min(1))
+    labels = score(centroids).argmin(-1)
+    return (labels, centroids) if batched else (labels[0], centroids[0])
 
 
 @torch.no_grad()
-def refine(features, superpixels, k, iters=30, generator=None, n_superpixels=None):
+def refine(features, superpixels, k, iters=30, generator=None, n_superpixels=None, group=None):
     """Cluster the superpixels of a whole batch into k object masks (R2O's refinement).
 
     features: B x C x h x w (the target encoder's layer3 on the raw view);
@@ -149,13 +173,19 @@ def refine(features, superpixels, k, iters=30, generator=None, n_superpixels=Non
     batch (cluster ids mean the same thing in every image); ids absent from an image take no
     part (the reference clusters them as zero rows). Each cell of the M x M map then takes its
     superpixel's cluster. Returns labels B x M x M int64 in [0, k).
+    group: cluster each run of this many images (B a multiple of it) on its own, all groups in
+    one batched k-means.
     """
+    B = features.shape[0]
+    group = group or B
+    if B % group:
+        raise ValueError(f'a batch of {B} images does not split into groups of {group}')
     with torch.autocast(features.device.type, enabled=False):
         pooled, area = superpixel_pool(features.float(), superpixels, n_superpixels)
-        present = (area > 0).flatten().float()
-        cluster_of, _ = kmeans(F.normalize(pooled.flatten(0, 1), dim=1), k, iters, generator,
-                               present)
-    return cluster_of.view_as(area).gather(1, superpixels.flatten(1)).view_as(superpixels)
+        S, C = pooled.shape[1:]
+        cluster_of, _ = kmeans(F.normalize(pooled, dim=-1).view(-1, group * S, C), k, iters,
+                               generator, (area > 0).float().view(-1, group * S))
+    return cluster_of.view(B, S).gather(1, superpixels.flatten(1)).view_as(superpixels)
 
 
 def view_masks(labels, boxes, flips, k, out_size):
@@ -505,6 +535,10 @@ def resolve_args(args):
         args.output_dir = str(Path('runs') / f'{name}-{sched}')
     if args.image_size % 32:
         raise data.DataError(f'--image-size must be a multiple of 32 (got {args.image_size})')
+    group = args.cluster_batch
+    if group is not None and (group < 1 or args.batch_size % group):
+        raise data.DataError(f'--batch-size {args.batch_size} is not a multiple of --cluster-batch '
+                             f'{args.cluster_batch}')
     return args
 
 
@@ -665,20 +699,20 @@ def masks_for_batch(model, batch, k, args, generator=None):
     """Both views' soft masks for a batch: refine (k a number), superpixels (k None) or whole
     crops (k == 1). Returns masks1, masks2 (B x K x g^2) and K.
 
-    With args.cluster_batch smaller than the batch, each group of that many images is refined
-    on its own (its own target-encoder forward and k-means): a large per-GPU batch keeps the
-    clustering statistics of the paper's 32 images per GPU."""
+    With args.cluster_batch smaller than the batch, k-means clusters each group of that many
+    images on its own, as the paper's 32 images per GPU: one GPU with batch 256 and
+    --cluster-batch 32 computes what 8 GPUs with batch 32 compute, the target encoder's
+    BatchNorm statistics included (one forward over the whole batch here, SyncBatchNorm over
+    the 8 GPUs there)."""
     sp = batch['superpixels']
     if k is None:
         labels, k = sp, batch['n_superpixels']
     elif k == 1:
         labels = torch.zeros_like(sp)          # one mask = the whole crop: plain BYOL
     else:
-        group = args.cluster_batch or sp.shape[0]
-        labels = torch.cat([
-            refine(encoder_features(model.target_encoder, raw, 'layer3'), s, k, args.kmeans_iters,
-                   generator, batch['n_superpixels'])
-            for raw, s in zip(batch['raw'].split(group), sp.split(group))])
+        features = encoder_features(model.target_encoder, batch['raw'], 'layer3')
+        labels = refine(features, sp, k, args.kmeans_iters, generator, batch['n_superpixels'],
+                        args.cluster_batch)
     g = args.image_size // 32                  # final feature map size (7 at 224)
     boxes, flips = batch['boxes'], batch['flips']
     return (view_masks(labels, boxes[:, 0], flips[:, 0], k, g),

@@ -103,6 +103,27 @@ def test_kmeans_ignores_rows_of_weight_zero():
     assert labels.shape == (110,) and int(labels.max()) < 3
 
 
+def test_kmeans_of_a_stack_is_the_kmeans_of_each_problem_in_turn():
+    """G problems in one call compute what G calls in a row with the same generator compute
+    (bit for bit on a CPU), weights included."""
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(3, 120, 16), dim=-1)
+    weight = (torch.rand(3, 120) > 0.2).float()
+    labels, centroids = r2o.kmeans(x, 7, 10, torch.Generator().manual_seed(1), weight)
+    g = torch.Generator().manual_seed(1)
+    for i in range(3):
+        labels_i, centroids_i = r2o.kmeans(x[i], 7, 10, g, weight[i])
+        assert torch.equal(labels[i], labels_i) and torch.equal(centroids[i], centroids_i)
+    assert labels.shape == (3, 120) and centroids.shape == (3, 7, 16)
+
+
+def test_kmeans_seeding_rounds_add_half_as_many_centres_as_there_are():
+    assert r2o.seeding_rounds(128) == [1, 1, 1, 2, 3, 4, 6, 9, 14, 21, 31, 34]
+    for k in range(1, 200):
+        sizes = r2o.seeding_rounds(k)
+        assert 1 + sum(sizes) == k and all(s >= 1 for s in sizes)
+
+
 def test_kmeans_caps_k_at_the_number_of_points():
     labels, centroids = r2o.kmeans(torch.randn(3, 4), 10)
     assert centroids.shape == (3, 4) and sorted(labels.tolist()) == [0, 1, 2]
@@ -716,20 +737,29 @@ def test_damaged_checkpoint_is_one_line_and_exit_status_2(tmp_path):
     assert str(ckpt) in err and '--output-dir' in err and 'checkpoint-epoch0001.pt' in err
 
 
-def test_cluster_batch_refines_each_group_on_its_own(tmp_path):
+def test_cluster_batch_clusters_each_group_on_its_own(tmp_path):
+    """--cluster-batch 4 on a batch of 8: one target-encoder forward over all 8 images (its
+    BatchNorm statistics are the whole batch's, as under SyncBatchNorm on 2 GPUs of 4), then
+    k-means on each half alone, as two refine calls in a row with one generator compute it."""
     args, batch = tiny_batch(tmp_path, 'groups', '--cluster-batch', '4')
-    # the halves below keep the whole batch's n_superpixels: the same row padding for k-means
     model = small_model()
     grouped = r2o.masks_for_batch(model, batch, 3, args, torch.Generator().manual_seed(5))
-    args.cluster_batch = None
+    with torch.no_grad():
+        features = r2o.encoder_features(model.target_encoder, batch['raw'], 'layer3')
     g = torch.Generator().manual_seed(5)
-    halves = [r2o.masks_for_batch(model, {k: v[s] if torch.is_tensor(v) else v
-                                          for k, v in batch.items()}, 3, args, g)
-              for s in (slice(0, 4), slice(4, 8))]
-    whole = r2o.masks_for_batch(model, batch, 3, args, torch.Generator().manual_seed(5))
+    labels = torch.cat([r2o.refine(features[s], batch['superpixels'][s], 3, args.kmeans_iters, g,
+                                   batch['n_superpixels']) for s in (slice(0, 4), slice(4, 8))])
     for view in (0, 1):
-        assert torch.equal(grouped[view], torch.cat([halves[0][view], halves[1][view]]))
+        expected = r2o.view_masks(labels, batch['boxes'][:, view], batch['flips'][:, view], 3,
+                                  args.image_size // 32)
+        assert torch.equal(grouped[view], expected)
+    args.cluster_batch = None
+    whole = r2o.masks_for_batch(model, batch, 3, args, torch.Generator().manual_seed(5))
     assert not torch.equal(grouped[0], whole[0])         # one k-means over 8 images differs
+    with pytest.raises(ValueError, match='groups of 3'):
+        r2o.refine(features, batch['superpixels'], 3, group=3)
+    with pytest.raises(data.DataError, match='multiple of --cluster-batch 3'):
+        r2o.resolve_args(tiny_args(tmp_path, 'bad', '--cluster-batch', '3'))
 
 
 # ================================ on a GPU (skipped without one) ================================

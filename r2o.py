@@ -586,9 +586,10 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-MUST_MATCH = ('data', 'arch', 'image_size', 'superpixels', 'slic_compactness', 'k_schedule',
-              'k_max', 'k_min', 'epochs', 'batch_size', 'hidden_dim', 'out_dim', 'head_rows',
-              'mask_pool', 'min_mask_area', 'cluster_batch')
+# Flags a resumed run may change: where and how it runs, not what a step computes; --lr and
+# --amp too, the way out of a diverged run. Every other flag must match the checkpoint's.
+FREE_ON_RESUME = ('output_dir', 'resume', 'stop_after', 'save_every', 'vis_every', 'print_freq',
+                  'workers', 'superpixel_cache', 'max_bad_fraction', 'device', 'amp', 'lr')
 
 
 def load_checkpoint(path, model, optimizer, args):
@@ -606,8 +607,9 @@ def load_checkpoint(path, model, optimizer, args):
                              f'Start afresh with another --output-dir, or {hint}') from None
     if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'args', 'epoch'} <= set(ckpt):
         raise data.DataError(f'{path} is not an R2O training checkpoint')
-    differ = [f'--{k.replace("_", "-")} {ckpt["args"].get(k)} (now {getattr(args, k)})'
-              for k in MUST_MATCH if ckpt['args'].get(k) != getattr(args, k)]
+    differ = [f'--{k.replace("_", "-")} {v} (now {getattr(args, k, None)})'
+              for k, v in ckpt['args'].items()
+              if k not in FREE_ON_RESUME and v != getattr(args, k, None)]
     if differ:
         raise data.DataError(f'{path} was made with other settings: {", ".join(differ)}. '
                              'Give the same flags, or another --output-dir to start afresh.')

@@ -623,6 +623,14 @@ def test_resume_refuses_other_settings(tmp_path):
     r2o.main(tiny_args(tmp_path, 'run', '--stop-after', '1'))
     with pytest.raises(data.DataError, match='--arch'):
         r2o.main(tiny_args(tmp_path, 'run', '--arch', 'resnet34'))
+    # augmentation and seed change what the remaining steps compute: refused as well
+    for flag, value in (('--flip-p', '1.0'), ('--blur', 'kernel23'), ('--seed', '7'),
+                        ('--kmeans-iters', '6')):
+        with pytest.raises(data.DataError, match=flag):
+            r2o.main(tiny_args(tmp_path, 'run', flag, value))
+    # how it runs may change: printing, saving, loader workers, the lr after a divergence
+    r2o.main(tiny_args(tmp_path, 'run', '--print-freq', '1', '--save-every', '1', '--lr', '0.1'))
+    assert (tmp_path / 'run' / 'checkpoint-epoch0002.pt').is_file()
 
 
 def test_mask_pictures_show_images_spread_over_the_dataset():

@@ -2,6 +2,7 @@
 
 CPU and small (resnet18, 32-64 px images, a few steps). Run: python -m pytest -q test_r2o.py
 """
+import copy
 import json
 import math
 import os
@@ -310,23 +311,51 @@ def reference_style_loss(model, v1, v2, m1, m2):
     return (l12 + l21) / 2
 
 
-def test_default_step_computes_the_reference_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize('merge', [False, True], ids=['all-rows', 'empty-rows-merged'])
+def test_default_step_computes_the_reference_loss_and_gradients(tmp_path, merge):
+    """Both ways of computing the default step (every row through the heads, as on a GPU; the
+    empty rows computed once and counted, as on a CPU) give the reference's loss, gradients
+    and BatchNorm running statistics."""
     args, batch = tiny_batch(tmp_path, 'ref')
     model = r2o.build_model(args)
+    model.merge_empty_rows = merge
     g = torch.Generator().manual_seed(0)
     m1, m2, k = r2o.masks_for_batch(model, batch, 6, args, g)
     m1[0, :] = 0
     m1[0, 0] = 1                                          # image 0: one mask covers view 1
     assert k == 6 and (m1.sum(-1) == 0).any()            # some empty rows enter the heads
     assert ((m1.sum(-1) > 0) & (m1.sum(-1) < 1)).any()   # and some smaller than one cell
+    reference = copy.deepcopy(model)
     ours, pairs = model(batch['view1'], batch['view2'], m1, m2)
     ours_grads = torch.autograd.grad(ours, [p for p in model.parameters() if p.requires_grad])
-    theirs = reference_style_loss(model, batch['view1'], batch['view2'], m1, m2)
-    their_grads = torch.autograd.grad(theirs, [p for p in model.parameters() if p.requires_grad])
+    theirs = reference_style_loss(reference, batch['view1'], batch['view2'], m1, m2)
+    their_grads = torch.autograd.grad(theirs, [p for p in reference.parameters() if p.requires_grad])
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert pairs == ((m1.sum(-1) > 1e-3) & (m2.sum(-1) > 1e-3)).sum()
     for a, b in zip(ours_grads, their_grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-4), name
+
+
+def test_mlp_with_counts_is_the_mlp_on_the_repeated_rows():
+    torch.manual_seed(0)
+    head = r2o.mlp(6, 16, 4)
+    x = torch.randn(5, 6, requires_grad=True)
+    counts = torch.tensor([1., 3., 1., 7., 2.])
+    repeated = copy.deepcopy(head)
+    out = r2o.mlp_with_counts(head, x, counts)
+    expected = repeated(x.repeat_interleave(counts.long(), 0))
+    assert torch.allclose(out.repeat_interleave(counts.long(), 0), expected, atol=1e-5)
+    weights = torch.randn(5, 4)            # any loss of the outputs, each row counted its times
+    (grad,) = torch.autograd.grad((out * weights * counts[:, None]).sum(), x)
+    (expected_grad,) = torch.autograd.grad(
+        (expected * weights.repeat_interleave(counts.long(), 0)).sum(), x)
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
+    assert torch.allclose(head[1].running_var, repeated[1].running_var, atol=1e-6)
+    assert torch.allclose(head[1].running_mean, repeated[1].running_mean, atol=1e-6)
+    head.eval(), repeated.eval()
+    assert torch.allclose(r2o.mlp_with_counts(head, x, counts), repeated(x), atol=1e-5)
 
 
 def test_byol_loss_values():

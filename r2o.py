@@ -149,12 +149,13 @@ def kmeans(x, k, iters=30, generator=None, weight=None):
         picks = torch.cat([picks, new], 1)
     centroids = rows(picks)                                                  # G k D
 
-    wx = torch.cat([x * w[..., None], w[..., None]], -1)   # weighted rows and weights, summed at once
+    wx = torch.cat([x * w[..., None], w[..., None]], -1).flatten(0, 1)   # rows and weights, summed at once
     sqw = sq * w
+    first = (torch.arange(G, device=x.device) * k)[:, None]   # problem g's clusters: rows g*k...
     for _ in range(iters):
         nearest, labels = score(centroids).min(-1)
-        sums = torch.zeros(G, k, D + 1, device=x.device).scatter_add_(
-            1, labels[..., None].expand(-1, -1, D + 1), wx)
+        sums = torch.zeros(G * k, D + 1, device=x.device).index_add_(
+            0, (labels + first).flatten(), wx).view(G, k, D + 1)
         counts = sums[..., D:]
         # an empty cluster j restarts at the j-th farthest point from its own centroid
         farthest = torch.addcmul(sqw, nearest, w).topk(k, dim=1).indices

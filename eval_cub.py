@@ -133,7 +133,7 @@ def get_args_parser(add_help=True):
                    help='SLIC pre-smoothing, as in training (0 on CUB, 1 on the built-in set)')
     g.add_argument('--k', type=int, default=5, help='k-means clusters per image')
     g.add_argument('--kmeans-iters', type=int, default=30, help='Lloyd iterations (r2o.kmeans)')
-    g.add_argument('--seed', type=int, default=0, help='k-means++ seeding (per image) and random init')
+    g.add_argument('--seed', type=int, default=0, help='k-means seeding (per image) and random init')
 
     g = p.add_argument_group('run')
     g.add_argument('--out', default='results.json', help='write protocol and metrics here (JSON)')
@@ -686,7 +686,7 @@ def describe(args, encoder_info, data_info):
                          stored_at=args.input_size // 4) if args.regions == 'superpixels' else None,
         region_features=('mean inside each region' if colour else
                          'mean inside each region, L2-normalised'),
-        k=args.k, kmeans='r2o.kmeans (k-means++ init, per image)', kmeans_iters=args.kmeans_iters,
+        k=args.k, kmeans='r2o.kmeans (D^2 seeding in rounds, per image)', kmeans_iters=args.kmeans_iters,
         seed=args.seed,
         to_ground_truth='cluster map resized to each mask\'s resolution, nearest',
         foreground_rules=dict(

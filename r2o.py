@@ -112,7 +112,7 @@ def kmeans(x, k, iters=30, generator=None, weight=None):
     the squared distance to the nearest centre so far. Here each round draws, without
     replacement, half as many new centres as there already are from that same distribution
     (seeding_rounds: 12 rounds instead of 128 sequential draws at k=128), with the inertia after
-    the Lloyd steps within 0.5% of k-means++'s (bench.py prints both). The draws are an
+    the Lloyd steps within 0.3% of k-means++'s or lower (bench.py prints both). The draws are an
     exponential race: the m points with the largest p / E, E ~ Exp(1) drawn up front, are m draws
     without replacement in proportion to p. A cluster left empty by a Lloyd step restarts at a
     far point: empty cluster j takes the j-th farthest point from its own centroid, so no

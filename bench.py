@@ -20,6 +20,10 @@ processes kept busy, and warns when that is not about zero.
 4. peak memory of a step, R2O vs. BYOL (GPU: max_memory_allocated; CPU: peak RSS of a fresh
    process per variant).
 5. SLIC on the image resized to 112 instead of 224: time, and how much the 56x56 maps differ.
+6. r2o.train_one_epoch on JPEG scenes against the bench step. 7. batches of 32-256.
+8. floating-point operations of a step (counted on meta tensors, any machine) at the GPU
+   configuration and at part 2's: R2O over BYOL in arithmetic alone, a floor under the time
+   ratio unless the extra work runs faster per operation than the network does.
 """
 import argparse
 import json
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from skimage.segmentation import find_boundaries
 
 import data
@@ -54,6 +59,9 @@ K_R2O = (128, 4)            # the curriculum's two ends
 # K=128 again with only the pairs present in both views through the heads (--head-rows overlap):
 # the reference sends all B x K rows of both views, which costs most where the network is cheap
 OVERLAP = '128 overlap'
+# K=128 again with the empty rows computed the other device's way: merged (mlp_with_counts, the
+# CPU's default) on a GPU, every row through the heads (the GPU's default) on a CPU
+OTHER_WAY = '128 other way'
 BATCH_KEYS = ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')
 
 
@@ -62,7 +70,7 @@ def get_args_parser():
     p.add_argument('--quick', action='store_true', help='tiny sizes, for a smoke test (figures mean little)')
     p.add_argument('--json', default=None, help='save every figure to this file')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--parts', default='loader,step,kmeans,memory,slic,loop,batches',
+    p.add_argument('--parts', default='loader,step,kmeans,memory,slic,loop,batches,flops',
                    help='comma-separated subset of: loader, step, kmeans, memory, slic, loop, '
                         'batches (all)')
     p.add_argument('--loader-images', type=int, default=None,
@@ -213,11 +221,11 @@ def step_batch(cfg, device):
     return r2o.batch_to_device(batch, device, channels_last=device.type == 'cuda')
 
 
-def step_model(cfg, device, head_rows='all'):
+def step_model(cfg, device, head_rows='all', merge_empty_rows=None):
     """The model and LARS as r2o.main builds them (same seed, so every variant starts equal).
     lr = 0.3 x batch/256 without the K/16 factor: it changes nothing in the time of a step."""
     torch.manual_seed(0)
-    model = r2o.R2O(cfg['arch'], head_rows=head_rows).to(device)
+    model = r2o.R2O(cfg['arch'], head_rows=head_rows, merge_empty_rows=merge_empty_rows).to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -252,9 +260,10 @@ def train_step(model, optimizer, batch, k, margs, device):
 
 
 def bench_step(cfg, batch, device, margs, steps, warmup):
-    variants = [*K_R2O, 1, OVERLAP]
-    k_of = {v: 128 if v == OVERLAP else v for v in variants}
-    runs = {v: step_model(cfg, device, 'overlap' if v == OVERLAP else 'all') for v in variants}
+    variants = [*K_R2O, 1, OVERLAP, OTHER_WAY]
+    k_of = {v: 128 if v in (OVERLAP, OTHER_WAY) else v for v in variants}
+    runs = {v: step_model(cfg, device, 'overlap' if v == OVERLAP else 'all',
+                          (device.type == 'cuda') if v == OTHER_WAY else None) for v in variants}
     for _ in range(warmup):
         for k in variants:
             train_step(*runs[k], batch, k_of[k], margs, device)
@@ -272,7 +281,7 @@ def bench_step(cfg, batch, device, margs, steps, warmup):
         out['variants'][k] = dict(ms=med, mask_pairs_per_image=statistics.mean(pairs[k]) / cfg['batch_size'],
                                   all_totals_ms=[round(p['total'], 1) for p in phases[k]])
     byol = out['variants'][1]['ms']['total']
-    for k in (*K_R2O, OVERLAP):
+    for k in (*K_R2O, OVERLAP, OTHER_WAY):
         out['variants'][k]['over_byol'] = out['variants'][k]['ms']['total'] / byol
     out['refinement'] = bench_refinement(runs[K_R2O[0]][0], batch, margs, device, steps)
     return out, runs[K_R2O[0]][0]
@@ -632,6 +641,34 @@ def bench_slic(scenes, n, n_segments=100, mask_size=56):
                 agreement_112_vs_224=mean(scores['slic112']), agreement_grid_vs_224=mean(scores['grid']))
 
 
+# ================================ part 8: arithmetic ================================
+
+def step_flops(cfg):
+    """Floating-point operations of one step (forward and backward), counted on meta tensors:
+    BYOL (K=1), R2O at K=4 and K=128 with every row through the heads (random masks: no empty
+    row, the reference's cost whatever the masks), and the refinement's target layer3 pass."""
+    B, size = cfg['batch_size'], cfg['image_size']
+    with torch.device('meta'):
+        model = r2o.R2O(cfg['arch'], merge_empty_rows=False)
+        views = torch.randn(B, 3, size, size), torch.randn(B, 3, size, size)
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    def step(k):
+        with torch.device('meta'):
+            masks = torch.rand(B, k, (size // 32) ** 2), torch.rand(B, k, (size // 32) ** 2)
+        return count(lambda: model(*views, *masks)[0].backward())
+
+    with torch.no_grad():
+        refine = count(lambda: r2o.encoder_features(model.target_encoder, views[0], 'layer3'))
+    byol = step(1)
+    return dict(config=cfg, byol_tflop=byol / 1e12, refinement_pass_over_byol=refine / byol,
+                **{f'r2o_k{k}_over_byol': (step(k) + refine) / byol for k in K_R2O})
+
+
 # ================================ report ================================
 
 def verdict(ok):
@@ -656,10 +693,11 @@ def summary_rows(res):
         S = res['step']
         c = S['config']
         byol = S['variants'][1]['ms']['total']
-        for k in (*K_R2O, OVERLAP):
+        for k in (*K_R2O, OVERLAP, OTHER_WAY):
             v = S['variants'][k]
-            limit = ({128: 1.15, 4: 1.05} if gpu else {128: 1.3, 4: 1.3})[128 if k == OVERLAP else k]
-            rows.append((f'step R2O K={k} ({c["arch"]} {c["image_size"]}px b{c["batch_size"]})',
+            limit = ({128: 1.15, 4: 1.05} if gpu else {128: 1.3, 4: 1.3})[128 if k in (OVERLAP, OTHER_WAY) else k]
+            name = {OTHER_WAY: '128, empty rows ' + ('merged' if gpu else 'each through the heads')}.get(k, k)
+            rows.append((f'step R2O K={name} ({c["arch"]} {c["image_size"]}px b{c["batch_size"]})',
                          f'{v["ms"]["total"]:.0f} ms', f'BYOL {byol:.0f}', f'{v["over_byol"]:.2f}x',
                          f'<= {limit}x', verdict(v['over_byol'] <= limit)))
         update = S['variants'][K_R2O[0]]['ms']['update']
@@ -709,6 +747,15 @@ def summary_rows(res):
             rows.append((f'step img/s, batch {b}, --cluster-batch {e["cluster_batch"]}, K=128',
                          f'{e["img_s"]:.1f} img/s', f'batch {first}: {B[first]["img_s"]:.1f}',
                          f'{e["img_s"] / B[first]["img_s"]:.2f}x', '(info)', ''))
+    for entry in res.get('flops', []):
+        c = entry['config']
+        name = f'{c["arch"]} {c["image_size"]}px b{c["batch_size"]}'
+        rows.append((f'FLOPs: refinement\'s layer3 pass, {name}', f'{100 * entry["refinement_pass_over_byol"]:.1f}%',
+                     f'BYOL step {entry["byol_tflop"]:.2f} TFLOP', '', '(info)', ''))
+        for k in K_R2O:
+            ratio = entry[f'r2o_k{k}_over_byol']
+            rows.append((f'FLOPs: R2O step K={k}, every row through the heads, {name}',
+                         f'{ratio:.3f}x', 'BYOL step', f'{ratio:.2f}x', '(info)', ''))
     if 'memory' in res:
         M = res['memory']
         key = 'step_peak_growth_mib'
@@ -804,6 +851,13 @@ def print_details(res):
     if 'batches' in res:
         print('\n7. whole step, K=128, k-means per 32 images: ' + ', '.join(
             f'batch {b} {e["ms"]:.0f} ms = {e["img_s"]:.1f} img/s' for b, e in res['batches'].items()))
+    for entry in res.get('flops', []):
+        c = entry['config']
+        print(f'\n8. FLOPs of one step (forward + backward, counted on meta tensors), {c["arch"]}, '
+              f'{c["image_size"]} px, batch {c["batch_size"]}: BYOL {entry["byol_tflop"]:.3f} TFLOP; the '
+              f'refinement\'s target layer3 pass adds {100 * entry["refinement_pass_over_byol"]:.1f}%; '
+              f'R2O with every row through the heads: K=4 {entry["r2o_k4_over_byol"]:.3f}x, '
+              f'K=128 {entry["r2o_k128_over_byol"]:.3f}x BYOL')
     if 'slic' in res:
         P = res['slic']
         print(f'\n5. SLIC ({P["n_segments"]} segments) on {P["images"]} scenes resized to 224 vs 112, maps at '
@@ -821,7 +875,7 @@ def main(args):
     if args.memory_child is not None:
         return memory_child(args.memory_child, args.quick, device, args.kmeans_iters)
     parts = set(args.parts.split(','))
-    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'slic', 'loop', 'batches'}
+    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'slic', 'loop', 'batches', 'flops'}
     if unknown:
         raise SystemExit(f'--parts: unknown {", ".join(sorted(unknown))}')
     if parts & {'kmeans', 'memory', 'loop'}:
@@ -889,6 +943,11 @@ def main(args):
             cfg = step_config(device, q)
             res['batches'] = bench_batches(cfg, device, q, args.kmeans_iters, pick(args.steps, 5, 1))
             end('7. batch sizes')
+        if 'flops' in parts:
+            begin('8. FLOPs')
+            cfg = step_config(device, q)
+            res['flops'] = [step_flops(c) for c in ([STEP_GPU] + [cfg] * (cfg != STEP_GPU))]
+            end('8. FLOPs')
     res['machine']['load_average_at_end'] = [round(x, 2) for x in os.getloadavg()]
     res['machine']['busy_cores_at_end'] = busy_cores()
     res['wall_s'] = round(time.perf_counter() - start, 1)

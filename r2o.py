@@ -3,7 +3,7 @@
 BYOL with mask pooling, where the masks are re-derived every step by clustering superpixels
 with the target encoder's own features, and the number of clusters K shrinks over training.
 
-Try it (CPU, no data, about 4 minutes on 2 cores; writes runs/synthetic-cosine/):
+Try it (CPU, no data, about 3 minutes on 2 cores; writes runs/synthetic-cosine/):
     python r2o.py
 One GPU:
     python r2o.py --data /path/to/imagenet
@@ -231,6 +231,8 @@ def mlp_with_counts(mlp, x, counts):
     identical rows: the outputs, gradients and BatchNorm running statistics of the repeated
     batch (the statistics are weighted by the counts), at the cost of the distinct rows only."""
     linear1, bn, relu, linear2 = mlp
+    if isinstance(bn, nn.SyncBatchNorm):
+        raise ValueError('mlp_with_counts computes the statistics of this process only')
     h = linear1(x)
     if bn.training:
         n = counts.sum()
@@ -525,9 +527,10 @@ def get_args_parser(add_help=True):
     g.add_argument('--kmeans-iters', type=int, default=30,
                    help='Lloyd iterations per step, fixed (the reference runs to convergence, cap 200)')
     g.add_argument('--cluster-batch', type=int, default=None,
-                   help='refine each group of this many images on its own (default: the whole '
-                        'per-GPU batch). The paper clusters 32 images per GPU: with a larger '
-                        '--batch-size on a large GPU, --cluster-batch 32 keeps that')
+                   help='k-means over each group of this many images on its own (default: the '
+                        'whole per-GPU batch); the target encoder still sees the whole batch. The '
+                        'paper clusters 32 images per GPU: with a larger --batch-size on a large '
+                        'GPU, --cluster-batch 32 keeps that')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=None, help='epochs (300; preset 8)')

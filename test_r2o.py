@@ -356,6 +356,9 @@ def test_mlp_with_counts_is_the_mlp_on_the_repeated_rows():
     assert torch.allclose(head[1].running_mean, repeated[1].running_mean, atol=1e-6)
     head.eval(), repeated.eval()
     assert torch.allclose(r2o.mlp_with_counts(head, x, counts), repeated(x), atol=1e-5)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(head)   # statistics of all GPUs
+    with pytest.raises(ValueError, match='this process only'):
+        r2o.mlp_with_counts(synced, x, counts)
 
 
 def test_byol_loss_values():

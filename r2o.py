@@ -655,9 +655,9 @@ def load_checkpoint(path, model, optimizer, args):
                              f'Start afresh with another --output-dir, or {hint}') from None
     if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'args', 'epoch'} <= set(ckpt):
         raise data.DataError(f'{path} is not an R2O training checkpoint')
-    differ = [f'--{k.replace("_", "-")} {v} (now {getattr(args, k, None)})'
+    differ = [f'--{k.replace("_", "-")} {v} (now {getattr(args, k)})'   # flags of this version
               for k, v in ckpt['args'].items()
-              if k not in FREE_ON_RESUME and v != getattr(args, k, None)]
+              if k not in FREE_ON_RESUME and hasattr(args, k) and v != getattr(args, k)]
     if differ:
         raise data.DataError(f'{path} was made with other settings: {", ".join(differ)}. '
                              'Give the same flags, or another --output-dir to start afresh.')

@@ -4,7 +4,7 @@ Every figure is printed as a ratio against a baseline measured in the same run, 
 absolute numbers and the machine. Run it on a quiet machine: it prints how many cores other
 processes kept busy, and warns when that is not about zero.
 
-    python bench.py                      # CPU: about 2 minutes on 2 cores; uses the GPU if any
+    python bench.py                      # CPU: about 2.5 minutes on 2 cores; uses the GPU if any
     python bench.py --quick              # tiny sizes, a smoke test: ~30 s, mostly importing torch
                                          # in this process and the 3 memory ones
     python bench.py --json bench.json    # also save every figure
@@ -807,6 +807,8 @@ def print_details(res):
               f'kmeans {S["kmeans_iters"]} iters; median of {S["steps"]} steps after {S["warmup"]}, ms:')
         for k, v in S['variants'].items():
             ms = v['ms']
+            if k == OTHER_WAY:
+                k = '128, empty rows ' + ('merged' if m['device'].startswith('cuda') else 'each through the heads')
             print(f'   K={k:<4} total {ms["total"]:7.1f} = masks {ms["masks"]:6.1f} + forward '
                   f'{ms["forward"]:6.1f} + backward {ms["backward"]:6.1f} + LARS/EMA {ms["update"]:6.1f}; '
                   f'{v["mask_pairs_per_image"]:.1f} mask pairs/image')

@@ -671,6 +671,11 @@ def step_flops(cfg):
 
 # ================================ report ================================
 
+def variant_name(k, gpu):
+    """A step variant as the report names it: K, or what OTHER_WAY means on this device."""
+    return k if k != OTHER_WAY else '128, empty rows ' + ('merged' if gpu else 'each through the heads')
+
+
 def verdict(ok):
     return 'PASS' if ok else 'FAIL'
 
@@ -696,7 +701,7 @@ def summary_rows(res):
         for k in (*K_R2O, OVERLAP, OTHER_WAY):
             v = S['variants'][k]
             limit = ({128: 1.15, 4: 1.05} if gpu else {128: 1.3, 4: 1.3})[128 if k in (OVERLAP, OTHER_WAY) else k]
-            name = {OTHER_WAY: '128, empty rows ' + ('merged' if gpu else 'each through the heads')}.get(k, k)
+            name = variant_name(k, gpu)
             judged = gpu or k != OTHER_WAY            # on a CPU that variant is the GPU's way
             rows.append((f'step R2O K={name} ({c["arch"]} {c["image_size"]}px b{c["batch_size"]})',
                          f'{v["ms"]["total"]:.0f} ms', f'BYOL {byol:.0f}', f'{v["over_byol"]:.2f}x',
@@ -809,8 +814,7 @@ def print_details(res):
               f'kmeans {S["kmeans_iters"]} iters; median of {S["steps"]} steps after {S["warmup"]}, ms:')
         for k, v in S['variants'].items():
             ms = v['ms']
-            if k == OTHER_WAY:
-                k = '128, empty rows ' + ('merged' if m['device'].startswith('cuda') else 'each through the heads')
+            k = variant_name(k, m['device'].startswith('cuda'))
             print(f'   K={k:<4} total {ms["total"]:7.1f} = masks {ms["masks"]:6.1f} + forward '
                   f'{ms["forward"]:6.1f} + backward {ms["backward"]:6.1f} + LARS/EMA {ms["update"]:6.1f}; '
                   f'{v["mask_pairs_per_image"]:.1f} mask pairs/image')

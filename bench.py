@@ -13,19 +13,24 @@ processes kept busy, and warns when that is not about zero.
    loop): SLIC at the training size for every sample (the reference's way) vs. cached
    superpixels on a second epoch (ours) vs. no superpixels at all. Real decode: generated
    scenes saved as JPEG, ImageFolderDataset at 224 with 100 superpixels, as on ImageNet.
-2. one training step (what r2o.train_one_epoch does per batch): R2O with K=128 and K=4 vs. the
-   same model and batch with K=1 (BYOL). CPU: resnet18, 64 px, batch 32, 24 superpixels (the
-   demo preset); GPU: resnet50, 224 px, batch 32, 100 superpixels, bf16 autocast.
+2. one training step (r2o.step_loss, backward, r2o.step_update: what r2o.train_one_epoch does
+   per batch): R2O with K=128 and K=4 vs. the same model and batch with K=1 (BYOL); K=128 again
+   with the empty rows computed the other device's way, and with --deterministic. CPU: resnet18,
+   64 px, batch 32, 24 superpixels (the demo preset); GPU: resnet50, 224 px, batch 32, 100
+   superpixels, bf16 autocast.
 3. r2o.kmeans alone, in ms and as a fraction of the R2O step.
 4. peak memory of a step, R2O vs. BYOL (GPU: max_memory_allocated; CPU: peak RSS of a fresh
    process per variant).
-5. SLIC on the image resized to 112 instead of 224: time, and how much the 56x56 maps differ.
+5. how exactly the masks hold each cluster's share of a cell: r2o.view_masks (roi_align,
+   aligned=True) and the reference's aligned=False against the exact area fractions, on random
+   crop boxes of refined label maps.
 6. r2o.train_one_epoch on JPEG scenes against the bench step. 7. batches of 32-256.
 8. floating-point operations of a step (counted on meta tensors, any machine) at the GPU
    configuration and at part 2's: R2O over BYOL in arithmetic alone, a floor under the time
    ratio unless the extra work runs faster per operation than the network does.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -46,7 +51,7 @@ import torchvision
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from skimage.segmentation import find_boundaries
+from torchvision.ops import roi_align
 
 import data
 import r2o
@@ -56,12 +61,13 @@ STEP_CPU = dict(arch='resnet18', image_size=64, batch_size=32, superpixels=24)
 STEP_GPU = dict(arch='resnet50', image_size=224, batch_size=32, superpixels=100)
 STEP_QUICK = dict(arch='resnet18', image_size=64, batch_size=8, superpixels=24)
 K_R2O = (128, 4)            # the curriculum's two ends
-# K=128 again with only the pairs present in both views through the heads (--head-rows overlap):
-# the reference sends all B x K rows of both views, which costs most where the network is cheap
-OVERLAP = '128 overlap'
-# K=128 again with the empty rows computed the other device's way: merged (mlp_with_counts, the
-# CPU's default) on a GPU, every row through the heads (the GPU's default) on a CPU
+# K=128 again with the empty rows computed the other device's way: merged
+# (heads_merging_empty_rows, the CPU's default) on a GPU, every row through the heads (the GPU's
+# default) on a CPU
 OTHER_WAY = '128 other way'
+# K=128 again as --deterministic runs it: deterministic algorithms, and on a GPU k-means sums by
+# a one-hot matrix product
+DETERMINISTIC = '128 deterministic'
 BATCH_KEYS = ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')
 
 
@@ -70,14 +76,14 @@ def get_args_parser():
     p.add_argument('--quick', action='store_true', help='tiny sizes, for a smoke test (figures mean little)')
     p.add_argument('--json', default=None, help='save every figure to this file')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--parts', default='loader,step,kmeans,memory,slic,loop,batches,flops',
-                   help='comma-separated subset of: loader, step, kmeans, memory, slic, loop, '
-                        'batches (all)')
+    p.add_argument('--parts', default='loader,step,kmeans,memory,masks,loop,batches,flops',
+                   help='comma-separated subset of: loader, step, kmeans, memory, masks, loop, '
+                        'batches, flops (all)')
     p.add_argument('--loader-images', type=int, default=None,
                    help='JPEG scenes per loader pass (48; quick 3)')
     p.add_argument('--loader-rounds', type=int, default=None,
                    help='interleaved passes per loader variant; the best one counts (2; quick 1)')
-    p.add_argument('--slic-images', type=int, default=None, help='scenes for part 5 (50; quick 3)')
+    p.add_argument('--mask-boxes', type=int, default=None, help='crop boxes for part 5 (200; quick 20)')
     p.add_argument('--scene-size', type=int, default=400,
                    help='generated scene side in pixels, 400 (ImageNet photos are about 375x500)')
     p.add_argument('--steps', type=int, default=None,
@@ -207,10 +213,14 @@ def step_config(device, quick):
     return dict(cfg)
 
 
-def step_args(cfg, iters, cluster_batch=None):
-    """The flags of r2o.py that masks_for_batch reads."""
-    return argparse.Namespace(image_size=cfg['image_size'], kmeans_iters=iters,
-                              cluster_batch=cluster_batch)
+def step_run(device, iters, cluster_batch=None, deterministic=False):
+    """The run constants r2o.step_loss reads, as r2o.run_constants makes them."""
+    bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
+    return dict(device=device, kmeans_iters=iters, cluster_batch=cluster_batch,
+                autocast=(lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if bf16 else nullcontext,
+                cluster=(functools.partial(r2o.kmeans, deterministic=True)
+                         if deterministic and device.type == 'cuda' else r2o.kmeans),
+                deterministic=deterministic)
 
 
 def step_batch(cfg, device):
@@ -221,11 +231,13 @@ def step_batch(cfg, device):
     return r2o.batch_to_device(batch, device, channels_last=device.type == 'cuda')
 
 
-def step_model(cfg, device, head_rows='all', merge_empty_rows=None):
-    """The model and LARS as r2o.main builds them (same seed, so every variant starts equal).
-    lr = 0.3 x batch/256 without the K/16 factor: it changes nothing in the time of a step."""
+def step_model(cfg, device, merge_empty_rows=None):
+    """The model and LARS as r2o.main builds them (same seed, so every variant starts equal):
+    the empty rows merged on a CPU unless told otherwise. lr = 0.3 x batch/256 without the K/16
+    factor: it changes nothing in the time of a step."""
     torch.manual_seed(0)
-    model = r2o.R2O(cfg['arch'], head_rows=head_rows, merge_empty_rows=merge_empty_rows).to(device)
+    merge = device.type == 'cpu' if merge_empty_rows is None else merge_empty_rows
+    model = r2o.build_model(cfg['arch'], merge_empty_rows=merge).to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -241,67 +253,88 @@ def autocast_for(device):
     return nullcontext()
 
 
-def train_step(model, optimizer, batch, k, margs, device):
-    """One step as r2o.train_one_epoch takes it; returns ms per phase and the mask pairs used."""
-    t = [clock(device)]
-    with autocast_for(device):
-        masks1, masks2, _ = r2o.masks_for_batch(model, batch, k, margs)
+@contextmanager
+def deterministic_algorithms(on):
+    """torch's deterministic algorithms inside the block (what r2o.py --deterministic sets for
+    the whole run; CUBLAS_WORKSPACE_CONFIG is set when this script starts)."""
+    if not on:
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, benchmark = True, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, benchmark
+
+
+def train_step(model, optimizer, batch, k, run, device):
+    """One step as r2o.train_one_epoch takes it (the same three calls); returns ms per phase and
+    the mask pairs used."""
+    with deterministic_algorithms(run['deterministic']):
+        t = [clock(device)]
+        loss, pairs = r2o.step_loss(model, model, batch, k, r2o.step_generator(0, 0, 0), run)
         t.append(clock(device))
-        loss, n_pairs = model(batch['view1'], batch['view2'], masks1, masks2)
-    t.append(clock(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    t.append(clock(device))
-    optimizer.step()
-    r2o.ema_update(model, 0.99)
-    t.append(clock(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.append(clock(device))
+        r2o.step_update(model, optimizer, optimizer.param_groups[0]['lr'], 0.99)
+        t.append(clock(device))
     ms = np.diff(t) * 1000
-    return dict(masks=ms[0], forward=ms[1], backward=ms[2], update=ms[3], total=ms.sum()), int(n_pairs)
+    return dict(loss=ms[0], backward=ms[1], update=ms[2], total=ms.sum()), int(pairs)
 
 
-def bench_step(cfg, batch, device, margs, steps, warmup):
-    variants = [*K_R2O, 1, OVERLAP, OTHER_WAY]
-    k_of = {v: 128 if v in (OVERLAP, OTHER_WAY) else v for v in variants}
-    runs = {v: step_model(cfg, device, 'overlap' if v == OVERLAP else 'all',
-                          (device.type == 'cuda') if v == OTHER_WAY else None) for v in variants}
+def bench_step(cfg, batch, device, iters, steps, warmup):
+    variants = [*K_R2O, 1, OTHER_WAY, DETERMINISTIC]
+    k_of = {v: 128 if v in (OTHER_WAY, DETERMINISTIC) else v for v in variants}
+    runs = {v: step_model(cfg, device, (device.type == 'cuda') if v == OTHER_WAY else None)
+            for v in variants}
+    settings = {v: step_run(device, iters, deterministic=v == DETERMINISTIC) for v in variants}
     for _ in range(warmup):
         for k in variants:
-            train_step(*runs[k], batch, k_of[k], margs, device)
+            train_step(*runs[k], batch, k_of[k], settings[k], device)
     phases = {k: [] for k in variants}
     pairs = {k: [] for k in variants}
     for _ in range(steps):                       # interleaved, so drift hits every variant
         for k in variants:
-            ms, n_pairs = train_step(*runs[k], batch, k_of[k], margs, device)
+            ms, n_pairs = train_step(*runs[k], batch, k_of[k], settings[k], device)
             phases[k].append(ms)
             pairs[k].append(n_pairs)
-    out = dict(config=cfg, steps=steps, warmup=warmup, kmeans_iters=margs.kmeans_iters,
+    out = dict(config=cfg, steps=steps, warmup=warmup, kmeans_iters=iters,
                bf16=device.type == 'cuda' and torch.cuda.is_bf16_supported(), variants={})
     for k in variants:
         med = {name: statistics.median(p[name] for p in phases[k]) for name in phases[k][0]}
         out['variants'][k] = dict(ms=med, mask_pairs_per_image=statistics.mean(pairs[k]) / cfg['batch_size'],
                                   all_totals_ms=[round(p['total'], 1) for p in phases[k]])
     byol = out['variants'][1]['ms']['total']
-    for k in (*K_R2O, OVERLAP, OTHER_WAY):
+    for k in (*K_R2O, OTHER_WAY, DETERMINISTIC):
         out['variants'][k]['over_byol'] = out['variants'][k]['ms']['total'] / byol
-    out['refinement'] = bench_refinement(runs[K_R2O[0]][0], batch, margs, device, steps)
+    out['deterministic_over_default'] = (out['variants'][DETERMINISTIC]['ms']['total'] /
+                                         out['variants'][K_R2O[0]]['ms']['total'])
+    out['refinement'] = bench_refinement(runs[K_R2O[0]][0], batch, cfg, iters, device, steps)
     return out, runs[K_R2O[0]][0]
 
 
 @torch.no_grad()
-def bench_refinement(model, batch, margs, device, reps):
+def bench_refinement(model, batch, cfg, iters, device, reps):
     """The pieces of masks_for_batch one at a time: target layer3 on the raw view, refine
     (superpixel pooling + k-means + painting), both views' masks."""
-    g = margs.image_size // 32
+    g = cfg['image_size'] // r2o.STRIDE[r2o.POOL_LAYER]
     boxes, flips = batch['boxes'], batch['flips']
+    n = batch['n_superpixels']
     out = {}
     with autocast_for(device):
-        features = r2o.encoder_features(model.target_encoder, batch['raw'], 'layer3')
+        features = r2o.encoder_features(model.target_encoder, batch['raw'], r2o.CLUSTER_LAYER)
         out['layer3_raw_view'] = median_ms(
-            lambda: r2o.encoder_features(model.target_encoder, batch['raw'], 'layer3'), reps, device)
+            lambda: r2o.encoder_features(model.target_encoder, batch['raw'], r2o.CLUSTER_LAYER),
+            reps, device)
         for k in K_R2O:
-            labels = r2o.refine(features, batch['superpixels'], k, margs.kmeans_iters)
+            labels = r2o.refine(features, batch['superpixels'], k, iters, n_superpixels=n)
             out[f'refine_k{k}'] = median_ms(
-                lambda: r2o.refine(features, batch['superpixels'], k, margs.kmeans_iters), reps, device)
+                lambda: r2o.refine(features, batch['superpixels'], k, iters, n_superpixels=n),
+                reps, device)
             out[f'view_masks_k{k}'] = median_ms(
                 lambda: (r2o.view_masks(labels, boxes[:, 0], flips[:, 0], k, g),
                          r2o.view_masks(labels, boxes[:, 1], flips[:, 1], k, g)), reps, device)
@@ -314,7 +347,7 @@ def bench_refinement(model, batch, margs, device, reps):
 def pooled_superpixel_features(model, batch, device):
     """The rows refine() clusters: L2-normalised layer3 features pooled in each superpixel."""
     with autocast_for(device):
-        features = r2o.encoder_features(model.target_encoder, batch['raw'], 'layer3')
+        features = r2o.encoder_features(model.target_encoder, batch['raw'], r2o.CLUSTER_LAYER)
     pooled, area = r2o.superpixel_pool(features.float(), batch['superpixels'])
     return F.normalize(pooled[area > 0], dim=1)
 
@@ -398,7 +431,7 @@ def bench_kmeans(model, batch, step, device, quick, iters):
     for name, (x, k) in quality.items():
         ours, base = [], []
         for s in range(seeds):
-            g = torch.Generator(device=device).manual_seed(s)
+            g = torch.Generator().manual_seed(s)
             ours.append(inertia(x, *r2o.kmeans(x, k, iters, g)))
             g = torch.Generator(device=device).manual_seed(s)
             base.append(inertia(x, *kmeans_plus_plus(x, k, iters, g)))
@@ -413,14 +446,13 @@ def bench_kmeans(model, batch, step, device, quick, iters):
             out[f'quality, {name}'].update(
                 ops_ours=ops_per_call(lambda: r2o.kmeans(x, k, iters)),
                 ops_kmeans_plus_plus=ops_per_call(lambda: kmeans_plus_plus(x, k, iters)))
-    # one batch of 256 with --cluster-batch 32: 8 problems in one batched call or one by one
-    groups = 2 if quick else 8
-    x = torch.stack([planted_clusters(n, 1024, 128, device, seed=s) for s in range(groups)])
-    out['groups'] = dict(
-        groups=groups, rows=n, dim=1024, k=128,
-        ms_batched=median_ms(lambda: r2o.kmeans(x, 128, iters), 1 if quick else 3, device),
-        ms_one_by_one=median_ms(lambda: [r2o.kmeans(g, 128, iters) for g in x], 1 if quick else 3,
-                                device))
+    # --deterministic's k-means: the clusters summed by a one-hot matrix product, not index_add_
+    x = planted_clusters(n, 1024, 128, device)
+    out['deterministic sums'] = dict(
+        rows=n, dim=1024, k=128,
+        ms_index_add=median_ms(lambda: r2o.kmeans(x, 128, iters), 1 if quick else 5, device),
+        ms_one_hot=median_ms(lambda: r2o.kmeans(x, 128, iters, deterministic=True),
+                             1 if quick else 5, device))
     return out
 
 
@@ -470,9 +502,9 @@ def bench_batches(cfg, device, quick, iters, reps):
         c = dict(cfg, batch_size=b)
         batch = step_batch(c, device)
         model, optimizer = step_model(c, device)
-        margs = step_args(c, iters, cluster_batch=min(32, b))
-        train_step(model, optimizer, batch, 128, margs, device)
-        ms = statistics.median(train_step(model, optimizer, batch, 128, margs, device)[0]['total']
+        run = step_run(device, iters, cluster_batch=min(32, b))
+        train_step(model, optimizer, batch, 128, run, device)
+        ms = statistics.median(train_step(model, optimizer, batch, 128, run, device)[0]['total']
                                for _ in range(reps))
         out[b] = dict(ms=ms, img_s=b / ms * 1000, cluster_batch=min(32, b))
         del model, optimizer, batch
@@ -481,7 +513,7 @@ def bench_batches(cfg, device, quick, iters, reps):
     return out
 
 
-def count_syncs(model, optimizer, batch, margs, device):
+def count_syncs(model, optimizer, batch, run, device):
     """Host-device synchronisations in one step (K=128) as train_one_epoch takes it, counted
     with torch.cuda.set_sync_debug_mode('warn'). GPU only."""
     import warnings
@@ -489,14 +521,10 @@ def count_syncs(model, optimizer, batch, margs, device):
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
         try:
-            with autocast_for(device):
-                g = torch.Generator(device=device).manual_seed(0)
-                masks1, masks2, _ = r2o.masks_for_batch(model, batch, 128, margs, g)
-                loss, _ = model(batch['view1'], batch['view2'], masks1, masks2)
+            loss, pairs = r2o.step_loss(model, model, batch, 128, r2o.step_generator(0, 0, 0), run)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            r2o.ema_update(model, 0.99)
+            r2o.step_update(model, optimizer, 0.01, 0.99)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     where = [str(w.message).splitlines()[0][:120] for w in caught]
@@ -526,15 +554,15 @@ def memory_child(k, quick, device, iters):
     """Runs in a fresh process: how far RSS rises above its resting level during one step."""
     torch.set_num_threads(1)                   # three of these run at once; memory is per process
     cfg = step_config(device, quick)
-    margs = step_args(cfg, iters)
+    run = step_run(device, iters)
     batch = step_batch(cfg, device)
     model, optimizer = step_model(cfg, device)
     # the first steps allocate the LARS buffers and page in torch's kernels: not the step's cost
     for _ in range(2):
-        train_step(model, optimizer, batch, k, margs, device)
+        train_step(model, optimizer, batch, k, run, device)
     resting = proc_status_kib('VmRSS')
     exact = reset_hwm()
-    train_step(model, optimizer, batch, k, margs, device)
+    train_step(model, optimizer, batch, k, run, device)
     # without clear_refs, ru_maxrss is the whole life's peak: the warm-up steps' peaks count too
     peak = proc_status_kib('VmHWM') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(dict(k=k, step_peak_growth_mib=(peak - resting) / 1024,
@@ -563,16 +591,16 @@ def bench_memory_cpu(args, device):
     return out
 
 
-def bench_memory_gpu(cfg, batch, margs, device):
+def bench_memory_gpu(cfg, batch, run, device):
     out = dict(method='GPU: torch.cuda.max_memory_allocated during one step (after a warm-up '
                       'step) minus memory_allocated before it (model and LARS buffers: resting)')
     for k in (*K_R2O, 1):
         model, optimizer = step_model(cfg, device)
-        train_step(model, optimizer, batch, k, margs, device)   # LARS buffers exist from here on
+        train_step(model, optimizer, batch, k, run, device)   # LARS buffers exist from here on
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        train_step(model, optimizer, batch, k, margs, device)
+        train_step(model, optimizer, batch, k, run, device)
         peak = torch.cuda.max_memory_allocated(device)
         out[k] = dict(k=k, step_peak_growth_mib=(peak - before) / 2**20, peak_mib=peak / 2**20,
                       resting_mib=before / 2**20)
@@ -581,64 +609,54 @@ def bench_memory_gpu(cfg, batch, margs, device):
     return out
 
 
-# ================================ part 5: SLIC at a smaller resize ================================
+# ================================ part 5: how exact the masks are ================================
 
-def near(mask):
-    """Cells within one cell (8-neighbourhood) of a True cell."""
-    padded = np.pad(mask, 1)
-    h, w = mask.shape
-    return np.any([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+def exact_fractions(labels, box, k, out_size):
+    """The exact share of each output cell that each cluster covers: labels M x M, box (x0, y0,
+    x1, y1) in label cells. Returns k x out_size x out_size."""
+    M = labels.shape[0]
+    cells = torch.arange(M, dtype=torch.float64)
 
+    def overlap(lo, hi):                 # out_size x M: how much of each label cell each output cell covers
+        edges = torch.linspace(lo, hi, out_size + 1, dtype=torch.float64)
+        return (torch.minimum(cells + 1, edges[1:, None]) - torch.maximum(cells, edges[:-1, None])).clamp(0)
 
-def compare_maps(a, b):
-    """How well label map b reproduces label map a (both M x M ids 0..n-1).
-
-    best_iou: for each superpixel of a, its best IoU with a superpixel of b, averaged;
-    covered: fraction of cells lying in their a-superpixel's best match in b;
-    boundary_f: F-score of the two maps' boundary cells, a cell within one cell counting as a hit.
-    """
-    na, nb = int(a.max()) + 1, int(b.max()) + 1
-    inter = np.bincount((a * nb + b).ravel(), minlength=na * nb).reshape(na, nb)
-    union = inter.sum(1)[:, None] + inter.sum(0)[None] - inter
-    iou = inter / np.maximum(union, 1)
-    best = iou.argmax(1)
-    edges_a, edges_b = find_boundaries(a, mode='inner'), find_boundaries(b, mode='inner')
-    recall = (edges_a & near(edges_b)).sum() / max(edges_a.sum(), 1)
-    precision = (edges_b & near(edges_a)).sum() / max(edges_b.sum(), 1)
-    return dict(best_iou=float(iou.max(1).mean()),
-                covered=float(inter[np.arange(na), best].sum() / a.size),
-                boundary_f=float(2 * precision * recall / max(precision + recall, 1e-12)))
+    wx, wy = overlap(box[0], box[2]), overlap(box[1], box[3])
+    area = wy.sum(1)[:, None] * wx.sum(1)[None]
+    onehot = F.one_hot(labels, k).double()                                  # M x M x k
+    return torch.einsum('ir,jc,rck->kij', wy, wx, onehot) / area
 
 
-def grid_map(n, size):
-    """A regular grid of about n cells: the no-image floor for compare_maps."""
-    g = max(1, round(n ** 0.5))
-    idx = np.arange(size) * g // size
-    return idx[:, None] * g + idx[None, :]
-
-
-def bench_slic(scenes, n, n_segments=100, mask_size=56):
-    times = {224: [], 112: []}
-    counts = {224: [], 112: []}
-    scores = dict(slic112=[], grid=[])
-    with single_thread():
-        for path in sorted(scenes.glob('*.jpg'))[:n]:
-            image = data.load_image(path)
-            maps = {}
-            for size in (224, 112):
-                pixels = np.asarray(image.resize((size, size), Image.BICUBIC))   # as the loader does
-                start = time.perf_counter()
-                maps[size] = data.compute_superpixels(pixels, n_segments, mask_size)
-                times[size].append((time.perf_counter() - start) * 1000)
-                counts[size].append(int(maps[size].max()) + 1)
-            scores['slic112'].append(compare_maps(maps[224], maps[112]))
-            scores['grid'].append(compare_maps(maps[224], grid_map(counts[224][-1], mask_size)))
-    mean = lambda rows: {key: statistics.mean(r[key] for r in rows) for key in rows[0]}
-    return dict(images=n, n_segments=n_segments, mask_size=mask_size,
-                ms_224=statistics.mean(times[224]), ms_112=statistics.mean(times[112]),
-                speedup_112=statistics.mean(times[224]) / statistics.mean(times[112]),
-                superpixels_224=statistics.mean(counts[224]), superpixels_112=statistics.mean(counts[112]),
-                agreement_112_vs_224=mean(scores['slic112']), agreement_grid_vs_224=mean(scores['grid']))
+def bench_masks(n_boxes, maps='superpixels', k=8, M=56, out_size=7):
+    """r2o.view_masks (roi_align, adaptive sampling, aligned=True) and the reference's
+    aligned=False against the exact area fractions: the worst cell of each box's masks, over
+    RandomResizedCrop boxes (scale 0.08-1). maps 'superpixels': label maps made of SLIC
+    superpixels of generated scenes, each superpixel given one of k clusters at random (what
+    the refinement paints); 'cells': every label cell a random cluster (the hardest case)."""
+    rng = np.random.default_rng(0)
+    worst = dict(aligned=[], reference=[])
+    for i in range(n_boxes):
+        if i % 10 == 0:                  # a new label map every 10 boxes
+            if maps == 'cells':
+                labels = torch.from_numpy(rng.integers(0, k, (M, M)))
+            else:
+                image = data.synthetic_scene(i, 4 * M)[0]
+                superpixels = data.compute_superpixels(image, 100, M)
+                labels = torch.from_numpy(rng.integers(0, k, superpixels.max() + 1)[superpixels])
+        area, ratio = rng.uniform(0.08, 1.0), np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w, h = min(1.0, np.sqrt(area * ratio)), min(1.0, np.sqrt(area / ratio))
+        x0, y0 = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+        box = torch.tensor([x0, y0, x0 + w, y0 + h], dtype=torch.float32)
+        exact = exact_fractions(labels, (box * M).double().tolist(), k, out_size)
+        ours = r2o.view_masks(labels[None], box[None], torch.tensor([False]), k, out_size)
+        worst['aligned'].append((ours[0].view_as(exact) - exact).abs().max().item())
+        onehot = F.one_hot(labels[None], k).permute(0, 3, 1, 2).float()
+        rois = torch.cat([torch.zeros(1, 1), box[None] * M], 1)
+        theirs = roi_align(onehot, rois, out_size, 1.0, -1, aligned=False)[0]
+        worst['reference'].append((theirs.double() - exact).abs().max().item())
+    stats = lambda v: dict(median=float(np.median(v)), p90=float(np.percentile(v, 90)), max=float(np.max(v)))
+    return dict(boxes=n_boxes, maps=maps, k=k, label_map=M, out_size=out_size,
+                aligned=stats(worst['aligned']), reference_aligned_false=stats(worst['reference']))
 
 
 # ================================ part 8: arithmetic ================================
@@ -649,7 +667,7 @@ def step_flops(cfg):
     row, the reference's cost whatever the masks), and the refinement's target layer3 pass."""
     B, size = cfg['batch_size'], cfg['image_size']
     with torch.device('meta'):
-        model = r2o.R2O(cfg['arch'], merge_empty_rows=False)
+        model = r2o.build_model(cfg['arch'])
         views = torch.randn(B, 3, size, size), torch.randn(B, 3, size, size)
 
     def count(fn):
@@ -660,10 +678,10 @@ def step_flops(cfg):
     def step(k):
         with torch.device('meta'):
             masks = torch.rand(B, k, (size // 32) ** 2), torch.rand(B, k, (size // 32) ** 2)
-        return count(lambda: model(*views, *masks)[0].backward())
+        return count(lambda: model(*views, *masks).backward())
 
     with torch.no_grad():
-        refine = count(lambda: r2o.encoder_features(model.target_encoder, views[0], 'layer3'))
+        refine = count(lambda: r2o.encoder_features(model.target_encoder, views[0], r2o.CLUSTER_LAYER))
     byol = step(1)
     return dict(config=cfg, byol_tflop=byol / 1e12, refinement_pass_over_byol=refine / byol,
                 **{f'r2o_k{k}_over_byol': (step(k) + refine) / byol for k in K_R2O})
@@ -673,7 +691,9 @@ def step_flops(cfg):
 
 def variant_name(k, gpu):
     """A step variant as the report names it: K, or what OTHER_WAY means on this device."""
-    return k if k != OTHER_WAY else '128, empty rows ' + ('merged' if gpu else 'each through the heads')
+    if k == OTHER_WAY:
+        return '128, empty rows ' + ('merged' if gpu else 'each through the heads')
+    return '128, --deterministic' if k == DETERMINISTIC else k
 
 
 def verdict(ok):
@@ -698,15 +718,19 @@ def summary_rows(res):
         S = res['step']
         c = S['config']
         byol = S['variants'][1]['ms']['total']
-        for k in (*K_R2O, OVERLAP, OTHER_WAY):
+        for k in (*K_R2O, OTHER_WAY, DETERMINISTIC):
             v = S['variants'][k]
-            limit = ({128: 1.15, 4: 1.05} if gpu else {128: 1.3, 4: 1.3})[128 if k in (OVERLAP, OTHER_WAY) else k]
+            limit = ({128: 1.15, 4: 1.15} if gpu else {128: 1.3, 4: 1.3})[128 if k in (OTHER_WAY, DETERMINISTIC) else k]
             name = variant_name(k, gpu)
-            judged = gpu or k != OTHER_WAY            # on a CPU that variant is the GPU's way
+            judged = k in K_R2O
             rows.append((f'step R2O K={name} ({c["arch"]} {c["image_size"]}px b{c["batch_size"]})',
                          f'{v["ms"]["total"]:.0f} ms', f'BYOL {byol:.0f}', f'{v["over_byol"]:.2f}x',
                          f'<= {limit}x' if judged else '(info)',
                          verdict(v['over_byol'] <= limit) if judged else ''))
+        ratio = S['deterministic_over_default']
+        rows.append(('--deterministic step, K=128', f'{S["variants"][DETERMINISTIC]["ms"]["total"]:.0f} ms',
+                     f'default {S["variants"][K_R2O[0]]["ms"]["total"]:.0f}', f'{ratio:.2f}x',
+                     '(info)' if gpu else '<= 1.1x', '' if gpu else verdict(ratio <= 1.1)))
         update = S['variants'][K_R2O[0]]['ms']['update']
         rows.append(('LARS + EMA per step', f'{update:.1f} ms', f'step {S["variants"][K_R2O[0]]["ms"]["total"]:.0f}',
                      f'{100 * update / S["variants"][K_R2O[0]]["ms"]["total"]:.1f}%',
@@ -729,11 +753,10 @@ def summary_rows(res):
                                  f'k-means++ {entry["ops_kmeans_plus_plus"]}',
                                  f'{entry["ops_ours"] / entry["ops_kmeans_plus_plus"]:.2f}x', '(info)', ''))
                 continue
-            if name == 'groups':
-                rows.append((f'kmeans of {entry["groups"]} groups ({entry["rows"]}x{entry["dim"]}, K=128), '
-                             'one batched call', f'{entry["ms_batched"]:.1f} ms',
-                             f'one by one {entry["ms_one_by_one"]:.1f}',
-                             f'{entry["ms_one_by_one"] / entry["ms_batched"]:.2f}x faster', '(info)', ''))
+            if name == 'deterministic sums':
+                rows.append((f'kmeans {entry["rows"]}x{entry["dim"]}, K=128, one-hot sums (--deterministic)',
+                             f'{entry["ms_one_hot"]:.1f} ms', f'index_add_ {entry["ms_index_add"]:.1f}',
+                             f'{entry["ms_one_hot"] / entry["ms_index_add"]:.2f}x', '(info)', ''))
                 continue
             on_step = name.startswith('step size')
             for k in K_R2O:
@@ -769,14 +792,11 @@ def summary_rows(res):
         for k in K_R2O:
             rows.append((f'step peak memory K={k}', f'{M[k][key]:.0f} MiB', f'BYOL {M[1][key]:.0f}',
                          f'{M[k][key] / max(M[1][key], 1e-9):.2f}x', '(info)', ''))
-    if 'slic' in res:
-        P = res['slic']
-        a, g = P['agreement_112_vs_224'], P['agreement_grid_vs_224']
-        rows.append(('SLIC at 112 vs 224 (time)', f'{P["ms_112"]:.1f} ms', f'224: {P["ms_224"]:.1f}',
-                     f'{P["speedup_112"]:.2f}x faster', '(info)', ''))
-        for key in ('best_iou', 'covered', 'boundary_f'):
-            rows.append((f'SLIC 112 vs 224 maps: {key}', f'{a[key]:.3f}', f'grid: {g[key]:.3f}', '',
-                         '(info)', ''))
+    for P in res.get('masks', []):
+        a, r = P['aligned'], P['reference_aligned_false']
+        rows.append((f'masks, {P["maps"]} maps: worst cell vs exact, {P["boxes"]} boxes (median/p90/max)',
+                     f'{a["median"]:.3f} / {a["p90"]:.3f} / {a["max"]:.3f}',
+                     f'aligned=False {r["median"]:.3f} / {r["p90"]:.3f} / {r["max"]:.3f}', '', '(info)', ''))
     return rows
 
 
@@ -815,8 +835,8 @@ def print_details(res):
         for k, v in S['variants'].items():
             ms = v['ms']
             k = variant_name(k, m['device'].startswith('cuda'))
-            print(f'   K={k:<4} total {ms["total"]:7.1f} = masks {ms["masks"]:6.1f} + forward '
-                  f'{ms["forward"]:6.1f} + backward {ms["backward"]:6.1f} + LARS/EMA {ms["update"]:6.1f}; '
+            print(f'   K={k:<4} total {ms["total"]:7.1f} = masks and loss {ms["loss"]:6.1f} + backward '
+                  f'{ms["backward"]:6.1f} + LARS/EMA {ms["update"]:6.1f}; '
                   f'{v["mask_pairs_per_image"]:.1f} mask pairs/image')
         print('   masks_for_batch piece by piece: ' +
               ', '.join(f'{name} {ms:.1f}' for name, ms in S['refinement'].items()))
@@ -838,10 +858,10 @@ def print_details(res):
                       (f'; {e["ops_ours"]} vs {e["ops_kmeans_plus_plus"]} tensor ops per call'
                        if 'ops_ours' in e else ''))
                 continue
-            if name == 'groups':
-                print(f'   {e["groups"]} groups of {e["rows"]} x {e["dim"]}, K={e["k"]} (batch {32 * e["groups"]}, '
-                      f'--cluster-batch 32): one batched call {e["ms_batched"]:.1f} ms, one by one '
-                      f'{e["ms_one_by_one"]:.1f} ms')
+            if name == 'deterministic sums':
+                print(f'   {e["rows"]} x {e["dim"]}, K={e["k"]}: clusters summed with index_add_ '
+                      f'{e["ms_index_add"]:.1f} ms, with a one-hot matrix product (--deterministic on a '
+                      f'GPU) {e["ms_one_hot"]:.1f} ms')
                 continue
             print(f'   {name}: ' + ', '.join(
                 f'K={k} {e[f"ms_k{k}"]:.1f} ms ({100 * e[f"fraction_of_r2o_step_k{k}"]:.1f}%)' for k in K_R2O))
@@ -866,31 +886,31 @@ def print_details(res):
               f'refinement\'s target layer3 pass adds {100 * entry["refinement_pass_over_byol"]:.1f}%; '
               f'R2O with every row through the heads: K=4 {entry["r2o_k4_over_byol"]:.3f}x, '
               f'K=128 {entry["r2o_k128_over_byol"]:.3f}x BYOL')
-    if 'slic' in res:
-        P = res['slic']
-        print(f'\n5. SLIC ({P["n_segments"]} segments) on {P["images"]} scenes resized to 224 vs 112, maps at '
-              f'{P["mask_size"]}x{P["mask_size"]}: {P["ms_224"]:.1f} vs {P["ms_112"]:.1f} ms/image, '
-              f'{P["superpixels_224"]:.0f} vs {P["superpixels_112"]:.0f} superpixels/image')
-        for name in ('agreement_112_vs_224', 'agreement_grid_vs_224'):
-            print(f'   {name}: ' + ', '.join(f'{k} {v:.3f}' for k, v in P[name].items()))
-        print('   (best_iou: best IoU of each 224 superpixel with a 112 one, averaged; covered: cells in '
-              'their superpixel\'s best match; boundary_f: boundary F-score, 1-cell tolerance; grid: a '
-              'regular grid with as many cells, the floor)')
+    for P in res.get('masks', []):
+        print(f'\n5. masks against the exact area fractions: {P["boxes"]} crop boxes of {P["label_map"]} x '
+              f'{P["label_map"]} label maps of {P["maps"]} (K={P["k"]}), {P["out_size"]} x {P["out_size"]} '
+              'masks; the worst cell of each box, median / 90th percentile / max:')
+        for name, label in (('aligned', 'r2o.view_masks (aligned=True)'),
+                            ('reference_aligned_false', 'the reference (aligned=False)')):
+            e = P[name]
+            print(f'   {label}: {e["median"]:.3f} / {e["p90"]:.3f} / {e["max"]:.3f}')
 
 
 def main(args):
+    # the --deterministic variant needs cuBLAS's workspace setting before CUDA starts
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.memory_child is not None:
         return memory_child(args.memory_child, args.quick, device, args.kmeans_iters)
     parts = set(args.parts.split(','))
-    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'slic', 'loop', 'batches', 'flops'}
+    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'masks', 'loop', 'batches', 'flops'}
     if unknown:
         raise SystemExit(f'--parts: unknown {", ".join(sorted(unknown))}')
     if parts & {'kmeans', 'memory', 'loop'}:
         parts.add('step')                      # their fractions and batch come from part 2
     q = args.quick
     pick = lambda given, full, quick: given if given is not None else (quick if q else full)
-    n_loader, n_slic = pick(args.loader_images, 48, 3), pick(args.slic_images, 50, 3)
+    n_loader, n_boxes = pick(args.loader_images, 48, 3), pick(args.mask_boxes, 200, 20)
     res = dict(machine=machine_info(device), quick=q)
     m = res['machine']
     print(f'R2O benchmark on {m["cpu"]} ({m["cpu_count"]} cores), device {device}, '
@@ -907,10 +927,9 @@ def main(args):
 
     with tempfile.TemporaryDirectory(prefix='r2o-bench-') as tmp:
         tmp = Path(tmp)
-        if parts & {'loader', 'slic', 'loop'}:
+        if parts & {'loader', 'loop'}:
             begin('0. writing scenes')
             scenes = write_scenes(tmp / 'scenes', max(n_loader if 'loader' in parts else 0,
-                                                      n_slic if 'slic' in parts else 0,
                                                       8 if 'loop' in parts else 0), args.scene_size)
             end('0. writing scenes')
         if 'loader' in parts:
@@ -920,13 +939,12 @@ def main(args):
         if 'step' in parts:
             begin('2. training step')
             cfg = step_config(device, q)
-            margs = step_args(cfg, args.kmeans_iters)
             batch = step_batch(cfg, device)
-            res['step'], model = bench_step(cfg, batch, device, margs, pick(args.steps, 8, 1),
-                                            pick(args.warmup, 2, 1))
+            res['step'], model = bench_step(cfg, batch, device, args.kmeans_iters,
+                                            pick(args.steps, 8, 1), pick(args.warmup, 2, 1))
             if device.type == 'cuda':
                 res['step']['syncs'] = count_syncs(model, r2o.LARS(r2o.lars_param_groups(model)),
-                                                   batch, margs, device)
+                                                   batch, step_run(device, args.kmeans_iters), device)
             end('2. training step')
         if 'kmeans' in parts:
             begin('3. k-means')
@@ -935,13 +953,13 @@ def main(args):
         if 'memory' in parts:
             begin('4. memory')
             del model
-            res['memory'] = (bench_memory_gpu(cfg, batch, margs, device) if device.type == 'cuda'
-                             else bench_memory_cpu(args, device))
+            res['memory'] = (bench_memory_gpu(cfg, batch, step_run(device, args.kmeans_iters), device)
+                             if device.type == 'cuda' else bench_memory_cpu(args, device))
             end('4. memory')
-        if 'slic' in parts:
-            begin('5. SLIC at 112')
-            res['slic'] = bench_slic(scenes, n_slic)
-            end('5. SLIC at 112')
+        if 'masks' in parts:
+            begin('5. masks')
+            res['masks'] = [bench_masks(n_boxes, maps) for maps in ('superpixels', 'cells')]
+            end('5. masks')
         if 'loop' in parts:
             begin('6. training loop')
             res['loop'] = bench_loop(scenes, cfg, device, q, res['step']['variants'][4]['ms']['total'])

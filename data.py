@@ -486,5 +486,7 @@ def collate(samples):
     batch = {k: torch.stack([s[k] for s in samples]) for k in
              ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')}
     batch['index'] = torch.tensor([s['index'] for s in samples])
+    # counted here, on the host: on a GPU, reading the max would make the step wait
+    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
     batch['bad'] = [b for s in samples for b in s['bad']]
     return batch

@@ -118,9 +118,10 @@ def get_args_parser(add_help=True):
     g.add_argument('--input-size', type=int, default=None,
                    help='images are resized to this square (aspect not kept, as R2O\'s raw view); '
                         'a multiple of 32 (224 on CUB, 128 on the built-in set)')
-    g.add_argument('--layer', default='layer3', choices=['layer3', 'layer4'],
-                   help='encoder features to cluster: layer3 (stride 16, what R2O clusters in '
-                        'training) or layer4 (stride 32, the exported output)')
+    g.add_argument('--layer', default=r2o.CLUSTER_LAYER, choices=[r2o.CLUSTER_LAYER, r2o.POOL_LAYER],
+                   help=f'encoder features to cluster: {r2o.CLUSTER_LAYER} (stride '
+                        f'{r2o.STRIDE[r2o.CLUSTER_LAYER]}, what R2O clusters in training) or '
+                        f'{r2o.POOL_LAYER} (stride {r2o.STRIDE[r2o.POOL_LAYER]}, the exported output)')
     g.add_argument('--regions', default='superpixels', choices=['superpixels', 'grid'],
                    help='what k-means groups: SLIC superpixels with features pooled inside them, as '
                         'in training, or the cells of the feature grid')
@@ -325,6 +326,7 @@ def collate(samples):
     batch = {k: torch.stack([s[k] for s in samples]) for k in ('input', 'image', 'superpixels')}
     batch['gt'] = [s['gt'] for s in samples]
     batch['name'] = [s['name'] for s in samples]
+    batch['n_superpixels'] = [int(s['superpixels'].max()) + 1 for s in samples]   # on the host
     return batch
 
 
@@ -571,26 +573,42 @@ def lab_features(images):
     return F.avg_pool2d(lab, 4)
 
 
-def cluster_regions(features, superpixels, k, iters=30, generator=None, normalize=True):
-    """K-means of one image's regions.
+def cluster_regions(features, superpixels, k, iters=30, generator=None, normalize=True,
+                    n_superpixels=None):
+    """K-means of one image's regions, by R2O's refinement (r2o.refine on a batch of one).
 
     features: C x h x w; superpixels: M x M ids (M a multiple of h), or None to cluster the
-    h x w feature cells themselves. Region features are averaged inside each superpixel as in
-    training (r2o.superpixel_pool) and L2-normalised when `normalize`.
+    h x w feature cells themselves (each cell its own region). Region features are averaged
+    inside each region as in training and L2-normalised when `normalize`.
     Returns the cluster map, int64 in [0, k): M x M (superpixels) or h x w (grid).
     """
     if superpixels is None:
-        x = features.flatten(1).T                                  # hw x C
-        x = F.normalize(x.float(), dim=1) if normalize else x
-        labels, _ = r2o.kmeans(x, k, iters, generator)
-        return labels.view(features.shape[1:])
-    pooled, area = r2o.superpixel_pool(features[None].float(), superpixels[None])
-    pooled, present = pooled[0], area[0] > 0
-    x = F.normalize(pooled[present], dim=1) if normalize else pooled[present]
-    assigned, _ = r2o.kmeans(x, k, iters, generator)
-    cluster_of = torch.zeros_like(area[0], dtype=torch.long)
-    cluster_of[present] = assigned
-    return cluster_of[superpixels]
+        h, w = features.shape[1:]
+        superpixels, n_superpixels = torch.arange(h * w, device=features.device).view(h, w), h * w
+    return r2o.refine(features[None], superpixels[None], k, iters, generator,
+                      n_superpixels=n_superpixels, normalize=normalize)[0]
+
+
+@torch.no_grad()
+def cluster_batch(net, batch, args, device, first_index):
+    """The cluster maps of one loader batch, on the device: the encoder's features (the mean Lab
+    colour of 4 x 4 cells without a network), then cluster_regions image by image. Image i's
+    k-means draws come from a CPU generator seeded by its index alone, so its clusters depend on
+    neither the batch, nor --limit, nor the device."""
+    if net is None:
+        features = lab_features(batch['image']).to(device)
+    else:
+        features = r2o.encoder_features(net, batch['input'].to(device, non_blocking=True),
+                                        args.layer).float()
+    superpixels = batch['superpixels'].to(device, non_blocking=True)
+    maps = []
+    for i in range(len(features)):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + first_index + i)
+        grid = args.regions == 'grid'
+        maps.append(cluster_regions(features[i], None if grid else superpixels[i], args.k,
+                                    args.kmeans_iters, g, normalize=net is not None,
+                                    n_superpixels=batch['n_superpixels'][i]))
+    return maps
 
 
 def to_resolution(labels, size):
@@ -679,14 +697,14 @@ def describe(args, encoder_info, data_info):
         resize='whole image to input_size x input_size, aspect not kept, bicubic',
         features='mean Lab colour of 4x4 pixel cells' if colour else args.layer,
         feature_grid=args.input_size // 4 if colour else
-        args.input_size // (16 if args.layer == 'layer3' else 32),
+        args.input_size // r2o.STRIDE[args.layer],
         regions=args.regions,
         superpixels=dict(n_segments=args.superpixels, compactness=args.slic_compactness,
                          sigma=args.slic_sigma, computed_at=args.input_size,
                          stored_at=args.input_size // 4) if args.regions == 'superpixels' else None,
         region_features=('mean inside each region' if colour else
                          'mean inside each region, L2-normalised'),
-        k=args.k, kmeans='r2o.kmeans (D^2 seeding in rounds, per image)', kmeans_iters=args.kmeans_iters,
+        k=args.k, kmeans='r2o.refine with r2o.kmeans (D^2 seeding in rounds), per image', kmeans_iters=args.kmeans_iters,
         seed=args.seed,
         to_ground_truth='cluster map resized to each mask\'s resolution, nearest',
         foreground_rules=dict(
@@ -751,19 +769,8 @@ def main(args):
     vis_rows, seen, start = [], 0, time.time()
     n_batches = len(loader)
     for it, batch in enumerate(loader):
-        with torch.no_grad():
-            if net is None:
-                features = lab_features(batch['image']).to(device)
-            else:
-                features = r2o.encoder_features(net, batch['input'].to(device, non_blocking=True),
-                                                args.layer).float()
-        superpixels = batch['superpixels'].to(device, non_blocking=True)
-        for i, gt in enumerate(batch['gt']):
-            # seeded per image: an image's clusters do not depend on the batch or on --limit
-            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + seen)
-            sp = superpixels[i] if args.regions == 'superpixels' else None
-            labels = cluster_regions(features[i], sp, args.k, args.kmeans_iters, g,
-                                     normalize=net is not None)
+        maps = cluster_batch(net, batch, args, device, seen)
+        for i, (labels, gt) in enumerate(zip(maps, batch['gt'])):
             gt = gt.to(device)
             clusters = to_resolution(labels, gt.shape)
             fg = dict(majority=majority_vote(clusters, gt),

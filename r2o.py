@@ -3,11 +3,16 @@
 BYOL with mask pooling, where the masks are re-derived every step by clustering superpixels
 with the target encoder's own features, and the number of clusters K shrinks over training.
 
+This file reads top to bottom as the paper: first the method, as plain functions of tensors
+(the backbone's feature maps, superpixel pooling, k-means, the refinement, masks per view, mask
+pooling, the overlap indicator, the loss, the K curriculum, the schedules, LARS, the EMA); then,
+in its own section, what exists only for speed; then the training script.
+
 Try it (CPU, no data, about 3 minutes on 2 cores; writes runs/synthetic-cosine/):
     python r2o.py
 One GPU:
     python r2o.py --data /path/to/imagenet
-One node, 8 GPUs (the paper's per-GPU batch of 32, global 256, lr 0.3):
+One node, 8 GPUs (the paper's 32 images per GPU; global batch 256, lr 0.3):
     torchrun --nproc_per_node=8 r2o.py --data /path/to/imagenet
 The paper's global batch of 4096 on 8 large GPUs, k-means still over each 32 images:
     torchrun --nproc_per_node=8 r2o.py --data /path/to/imagenet --batch-size 512 --cluster-batch 32
@@ -20,6 +25,9 @@ the superpixels themselves as masks (DetCon-style).
 import argparse
 import copy
 import datetime
+import errno
+import functools
+import io
 import json
 import math
 import os
@@ -41,7 +49,20 @@ from torchvision.ops import roi_align
 import data
 
 
-# ================================ networks ================================
+# ================================ the method ================================
+#
+# Each function and class of this section can be copied out with the imports above and the
+# other names its docstring lists after "Uses:" (none listed: the imports alone).
+
+# ---- the backbone ----
+
+# The two feature maps R2O uses and their strides (input pixels per cell): the refinement
+# clusters the target encoder's CLUSTER_LAYER, the loss pools POOL_LAYER under the masks.
+# Another backbone is a change to these lines, encoder_features, feature_dim and build_encoder.
+CLUSTER_LAYER = 'layer3'                 # 14 x 14 at 224 px
+POOL_LAYER = 'layer4'                    # 7 x 7 at 224 px
+STRIDE = {'layer3': 16, 'layer4': 32}
+
 
 def build_encoder(arch='resnet50'):
     """A torchvision ResNet with fc replaced by identity (its state_dict is a torchvision one)."""
@@ -53,7 +74,7 @@ def build_encoder(arch='resnet50'):
 
 
 def encoder_features(net, x, layer='layer4'):
-    """Feature map of a torchvision ResNet up to `layer` ('layer3' or 'layer4').
+    """A torchvision ResNet's feature map up to `layer`, 'layer3' or 'layer4'.
 
     x: B x 3 x H x W -> B x C x H/16 x W/16 (layer3) or B x C x H/32 x W/32 (layer4).
     """
@@ -63,6 +84,7 @@ def encoder_features(net, x, layer='layer4'):
 
 
 def feature_dim(net, layer='layer4'):
+    """Channels of a torchvision ResNet's `layer` (2048 for a ResNet-50's layer4)."""
     block = getattr(net, layer)[-1]
     return (block.bn3 if hasattr(block, 'bn3') else block.bn2).num_features
 
@@ -73,14 +95,15 @@ def mlp(in_dim, hidden_dim=4096, out_dim=256):
                          nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
-# ================================ refinement: superpixels -> object masks ================================
+# ---- refinement: superpixels -> object masks ----
 
 def superpixel_pool(features, superpixels, n_superpixels=None):
     """Average features inside each superpixel.
 
     features: B x C x h x w; superpixels: B x M x M integer ids (M a multiple of h, e.g. 56 vs 14).
     Each superpixel's weight on a feature cell is the fraction of that cell it covers.
-    Returns pooled B x S x C and area B x S (0 for ids absent from an image), S = max id + 1.
+    Returns pooled B x S x C and area B x S (0 for ids absent from an image), S = max id + 1
+    (or n_superpixels: give it when it is known on the host, as reading the max waits for a GPU).
     """
     S = n_superpixels or int(superpixels.max()) + 1
     onehot = F.one_hot(superpixels, S).permute(0, 3, 1, 2).to(features.dtype)   # B S M M
@@ -90,8 +113,13 @@ def superpixel_pool(features, superpixels, n_superpixels=None):
     return pooled / area.clamp_min(1e-6)[..., None], area
 
 
+def squared_distances(x, c):
+    """|x_i - c_j|^2 for the rows of x (N x D) and c (M x D): N x M, through one matrix product."""
+    return torch.addmm((c * c).sum(1), x, c.T, alpha=-2).add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
+
+
 def seeding_rounds(k):
-    """How many centres each round of kmeans' seeding adds: half as many as there are already,
+    """How many centres each round of kmeans_seeds adds: half as many as there are already,
     after the first one (1, 1, 1, 2, 3, 4, 6, ... : 12 rounds for k=128)."""
     sizes, have = [], 1
     while have < k:
@@ -100,93 +128,95 @@ def seeding_rounds(k):
     return sizes
 
 
-def kmeans(x, k, iters=30, generator=None, weight=None):
-    """K-means of the rows of x (N x D) in fp32 on x's device: D^2 seeding in rounds, then a
-    fixed number of Lloyd steps. Fixed work and no host sync, so a GPU never waits for Python.
+def kmeans_seeds(x, k, generator=None, weight=None):
+    """k initial centres among the rows of x (N x D, k <= N) by D^2 seeding in rounds.
 
-    x may also be G x N x D: G independent problems solved by the same kernels, exactly as G
-    calls in a row with one generator would solve them on a CPU (one launch per operation
-    instead of G, which is what a GPU pays for at these sizes).
-
-    Seeding: k-means++ draws k centres one by one, each with probability proportional to D(x)^2,
-    the squared distance to the nearest centre so far. Here each round draws, without
-    replacement, half as many new centres as there already are from that same distribution
-    (seeding_rounds: 12 rounds instead of 128 sequential draws at k=128), with the inertia after
-    the Lloyd steps within 0.3% of k-means++'s or lower (bench.py prints both). The draws are an
-    exponential race: the m points with the largest p / E, E ~ Exp(1) drawn up front, are m draws
-    without replacement in proportion to p. A cluster left empty by a Lloyd step restarts at a
-    far point: empty cluster j takes the j-th farthest point from its own centroid, so no
-    centroid is ever NaN.
-    weight: optional N (or G x N) 0/1 floats; rows of weight 0 are ignored (never centres unless
-    too few others, no pull on centroids) yet still get a label. Lets a caller keep fixed shapes
-    instead of selecting rows.
-    Returns labels (N,) int64 in [0, k) and centroids (k x D), with a leading G for 3-d x.
-    k is capped at N.
+    k-means++ draws k centres one by one, each row with probability proportional to D^2, its
+    squared distance to the nearest centre so far. Here each round draws, without replacement,
+    half as many new centres as there already are from that same distribution (seeding_rounds:
+    12 rounds instead of 128 draws at k=128), which leaves the inertia after the Lloyd steps
+    within 0.3% of k-means++'s or lower (bench.py). The m rows with the largest p / E, E ~ Exp(1),
+    are m draws without replacement in proportion to p (an exponential race).
+    weight: N 0/1 floats; rows of weight 0 are never drawn unless fewer than k others exist.
+    The random numbers are drawn on the generator's device (the CPU for torch.Generator()) and
+    moved to x's, so a CPU generator gives the same centres on every device.
+    Uses: seeding_rounds, squared_distances.
     """
-    batched = x.dim() == 3
-    x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)   # a diverged net: no crash
-    x = x if batched else x[None]
-    G, n, D = x.shape
-    k = min(k, n)
-    w = torch.ones(G, n, device=x.device) if weight is None else weight.float().view(G, n)
-    sq = (x * x).sum(-1)                                                   # G N
-
-    def score(c):          # G x N x len(c): |c|^2 - 2 x.c, the squared distance less |x|^2
-        return torch.baddbmm((c * c).sum(-1)[:, None], x, c.transpose(1, 2), alpha=-2)
-
-    def rows(index):       # the rows of x at G x m indices: G x m x D
-        return x.gather(1, index[..., None].expand(-1, -1, D))
-
+    n = x.shape[0]
+    w = torch.ones(n, device=x.device) if weight is None else weight.float()
     sizes = seeding_rounds(k)
-    race = torch.empty(G, len(sizes) + 1, n, device=x.device).exponential_(generator=generator)
-    race = w[:, None] / race                # weight-0 rows lose every race (key 0)
-    picks = race[:, 0].argmax(1, keepdim=True)                                # G x 1
-    closest = (score(rows(picks))[..., 0] + sq).clamp_min(0)
+    uniform = torch.rand(len(sizes) + 1, n, generator=generator,
+                         device=generator.device if generator is not None else x.device)
+    race = w / -uniform.to(x.device, non_blocking=True).log()      # w / E: weight 0 never wins
+    picks = race[0].argmax()[None]                                 # the first: uniformly
+    closest = squared_distances(x, x[picks])[:, 0]
     for r, m in enumerate(sizes, 1):
-        # + 1e-12: points equal to a centre keep a tiny chance, so m draws always exist
-        new = ((closest + 1e-12) * race[:, r]).topk(m, dim=1).indices
-        closest = torch.minimum(closest, (score(rows(new)).amin(-1) + sq).clamp_min(0))
-        picks = torch.cat([picks, new], 1)
-    centroids = rows(picks)                                                  # G k D
+        # + 1e-12: rows equal to a centre keep a tiny chance, so m draws always exist
+        new = ((closest + 1e-12) * race[r]).topk(m).indices
+        closest = torch.minimum(closest, squared_distances(x, x[new]).amin(1))
+        picks = torch.cat([picks, new])
+    return x[picks]
 
-    wx = torch.cat([x * w[..., None], w[..., None]], -1).flatten(0, 1)   # rows and weights, summed at once
-    sqw = sq * w
-    first = (torch.arange(G, device=x.device) * k)[:, None]   # problem g's clusters: rows g*k...
+
+def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False):
+    """K-means of the rows of x (N x D), in fp32 on x's device.
+
+    kmeans_seeds picks k centres, then `iters` Lloyd steps follow: a fixed number, so nothing
+    waits for a convergence test. A cluster left empty restarts at a far row (empty cluster j
+    takes the j-th farthest row from its centroid), so no centroid is ever NaN. k is capped at N.
+    weight: optional N 0/1 floats; rows of weight 0 (absent superpixels) are never seeds and
+    pull no centroid, yet get a label, so a caller keeps fixed shapes instead of selecting rows.
+    deterministic: sum each cluster's rows with a one-hot matrix product (the same bits every
+    run, k times the arithmetic) instead of index_add_, whose atomic float additions on a GPU
+    land in a varying order (on a CPU index_add_ is deterministic already).
+    Returns labels (N,) int64 in [0, k) and centroids (k x D).
+    Uses: kmeans_seeds, seeding_rounds, squared_distances.
+    """
+    x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)   # a diverged net: no crash
+    n, k = x.shape[0], min(k, x.shape[0])
+    w = torch.ones(n, device=x.device) if weight is None else weight.float()
+    centroids = kmeans_seeds(x, k, generator, w)
+    rows = torch.cat([x * w[:, None], w[:, None]], 1)                  # the rows and their count
     for _ in range(iters):
-        nearest, labels = score(centroids).min(-1)
-        sums = torch.zeros(G * k, D + 1, device=x.device).index_add_(
-            0, (labels + first).flatten(), wx).view(G, k, D + 1)
-        counts = sums[..., D:]
-        # an empty cluster j restarts at the j-th farthest point from its own centroid
-        farthest = torch.addcmul(sqw, nearest, w).topk(k, dim=1).indices
-        centroids = torch.where(counts == 0, rows(farthest), sums[..., :D] / counts.clamp_min(1))
-    labels = score(centroids).argmin(-1)
-    return (labels, centroids) if batched else (labels[0], centroids[0])
+        distance, labels = squared_distances(x, centroids).min(1)
+        if deterministic:
+            sums = F.one_hot(labels, k).T.float() @ rows
+        else:
+            sums = torch.zeros(k, rows.shape[1], device=x.device).index_add_(0, labels, rows)
+        count = sums[:, -1:]
+        farthest = x[(distance * w).topk(k).indices]
+        centroids = torch.where(count > 0, sums[:, :-1] / count.clamp_min(1), farthest)
+    return squared_distances(x, centroids).argmin(1), centroids
 
 
 @torch.no_grad()
-def refine(features, superpixels, k, iters=30, generator=None, n_superpixels=None, group=None):
-    """Cluster the superpixels of a whole batch into k object masks (R2O's refinement).
+def refine(features, superpixels, k, iters=30, generator=None, group=None, n_superpixels=None,
+           cluster=kmeans, normalize=True):
+    """R2O's refinement: cluster the superpixels of a batch into k masks by the encoder's features.
 
-    features: B x C x h x w (the target encoder's layer3 on the raw view);
-    superpixels: B x M x M ids below n_superpixels (give it, known on the host, to spare a GPU
-    sync). Superpixel features are pooled, L2-normalised and clustered together across the
-    batch (cluster ids mean the same thing in every image); ids absent from an image take no
-    part (the reference clusters them as zero rows). Each cell of the M x M map then takes its
-    superpixel's cluster. Returns labels B x M x M int64 in [0, k).
-    group: cluster each run of this many images (B a multiple of it) on its own, all groups in
-    one batched k-means.
+    features: B x C x h x w (the target encoder's CLUSTER_LAYER on the raw view);
+    superpixels: B x M x M ids (M a multiple of h). Each superpixel's features are averaged
+    (superpixel_pool) and L2-normalised (`normalize`), then the superpixels of each `group`
+    images (default: all B together) are clustered, so that a cluster id means the same thing
+    in every image of a group. Ids absent from an image take no part (weight 0; the reference
+    clusters them as zero rows). Each cell of the M x M map then takes its superpixel's cluster.
+    cluster: the clustering, any function with kmeans's signature (x, k, iters, generator,
+    weight) -> (labels, ...); groups are clustered one after the other with the one generator.
+    n_superpixels: see superpixel_pool. Returns B x M x M int64 cluster ids in [0, k).
+    Uses: superpixel_pool, kmeans, kmeans_seeds, seeding_rounds, squared_distances.
     """
     B = features.shape[0]
     group = group or B
     if B % group:
         raise ValueError(f'a batch of {B} images does not split into groups of {group}')
-    with torch.autocast(features.device.type, enabled=False):
-        pooled, area = superpixel_pool(features.float(), superpixels, n_superpixels)
-        S, C = pooled.shape[1:]
-        cluster_of, _ = kmeans(F.normalize(pooled, dim=-1).view(-1, group * S, C), k, iters,
-                               generator, (area > 0).float().view(-1, group * S))
-    return cluster_of.view(B, S).gather(1, superpixels.flatten(1)).view_as(superpixels)
+    with torch.autocast(features.device.type, enabled=False):        # k-means in fp32
+        pooled, area = superpixel_pool(features.float(), superpixels, n_superpixels)   # B x S x C
+        pooled = F.normalize(pooled, dim=-1) if normalize else pooled
+        S = pooled.shape[1]
+        x = pooled.reshape(B // group, group * S, -1)
+        present = (area > 0).float().view(B // group, group * S)
+        labels = torch.stack([cluster(xg, k, iters, generator, wg)[0] for xg, wg in zip(x, present)])
+    return labels.view(B, S).gather(1, superpixels.flatten(1)).view_as(superpixels)
 
 
 def view_masks(labels, boxes, flips, k, out_size):
@@ -195,8 +225,9 @@ def view_masks(labels, boxes, flips, k, out_size):
     labels: B x M x M ints in [0, k); boxes: B x 4 (x0, y0, x1, y1) normalised to the whole
     image; flips: B bools. Returns B x k x out_size^2; at every cell the k values sum to 1.
     roi_align with an adaptive sampling ratio (the reference's) and aligned=True: each cell holds
-    the fraction of it that each cluster covers (the reference's aligned=False shifts the masks
-    by half a cell).
+    about the fraction of it each cluster covers (on random boxes the worst cell of a mask is
+    off by 0.03 in the median, 0.18 at most, bench.py); the reference's aligned=False shifts the
+    label map by half a label cell (the median worst cell is then off by 0.30).
     """
     B, M, _ = labels.shape
     onehot = F.one_hot(labels, k).permute(0, 3, 1, 2).float()                  # B k M M
@@ -206,6 +237,34 @@ def view_masks(labels, boxes, flips, k, out_size):
     masks = torch.where(flips[:, None, None, None], masks.flip(-1), masks)
     return masks.flatten(2)
 
+
+@torch.no_grad()
+def masks_for_batch(target_encoder, raw, superpixels, boxes, flips, k, iters=30, generator=None,
+                    group=None, n_superpixels=None, cluster=kmeans):
+    """Both views' soft masks for a batch, and their number K.
+
+    raw: B x 3 x S x S, the whole images; superpixels: B x M x M ids; boxes: B x 2 x 4 and
+    flips: B x 2, each view's crop box and flip. k a number: the refinement (the target
+    encoder's CLUSTER_LAYER on the raw view, then refine over each `group` images with
+    `cluster`); k == 1: one mask, the whole crop (BYOL); k None: the superpixels themselves
+    (DetCon-style), K = n_superpixels. Returns masks1, masks2 (B x K x g^2, g = S / 32, the
+    final feature map's side) and K.
+    Uses: encoder_features, refine, view_masks, superpixel_pool, kmeans, kmeans_seeds,
+    seeding_rounds, squared_distances, CLUSTER_LAYER, POOL_LAYER, STRIDE.
+    """
+    if k is None:
+        labels, k = superpixels, n_superpixels or int(superpixels.max()) + 1
+    elif k == 1:
+        labels = torch.zeros_like(superpixels)
+    else:
+        features = encoder_features(target_encoder, raw, CLUSTER_LAYER)
+        labels = refine(features, superpixels, k, iters, generator, group, n_superpixels, cluster)
+    g = raw.shape[-1] // STRIDE[POOL_LAYER]
+    return (view_masks(labels, boxes[:, 0], flips[:, 0], k, g),
+            view_masks(labels, boxes[:, 1], flips[:, 1], k, g), k)
+
+
+# ---- the mask-level loss ----
 
 def mask_pool(features, masks, min_area=1.0):
     """Features B x C x h x w pooled under soft masks B x K x hw -> B x K x C.
@@ -225,6 +284,192 @@ def mask_overlap(masks1, masks2, min_area=1e-3):
     loss. 1e-3 is the reference's: any trace of the mask in both views."""
     return (masks1.sum(-1) > min_area) & (masks2.sum(-1) > min_area)
 
+
+def mask_loss(p1, p2, z1, z2, valid, groups=1):
+    """R2O's objective: BYOL's regression of each mask across the two views.
+
+    p1, p2: the online predictions of view 1's and view 2's masks, B x K x D; z1, z2: the target
+    projections of the same masks; valid: B x K, the overlap indicator (mask_overlap).
+    L12 is 2 - 2 cos(p1, z2), the prediction of a mask in view 1 against the target's
+    projection of the same mask in view 2, averaged over the valid (image, mask) pairs; L21 the
+    same with the views swapped. Returns the reference's (L12 + L21) / 2.
+    groups: the batch holds this many cluster groups (--cluster-batch); each term is then the
+    mean of each group's own average, which is what DDP's averaging over GPUs makes of
+    per-GPU losses when every GPU holds one group.
+    """
+    valid = valid.float().view(groups, -1)
+
+    def regression(p, z):                  # averaged over each group's valid pairs
+        cos = (F.normalize(p.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1)
+        per_pair = (2 - 2 * cos).view(groups, -1) * valid
+        return (per_pair.sum(1) / valid.sum(1).clamp_min(1)).mean()
+
+    return (regression(p1, z2) + regression(p2, z1)) / 2
+
+
+def heads(rows, mlps):
+    """Pooled rows B' x K x C through each mlp in turn (projector, predictor), all B' x K rows
+    as one batch: the reference's, so BatchNorm's statistics include the empty masks' zero rows
+    (the loss ignores those rows afterwards). Returns B' x K x D."""
+    out = rows.flatten(0, 1)
+    for m in mlps:
+        out = m(out)
+    return out.view(*rows.shape[:2], -1)
+
+
+class R2O(nn.Module):
+    """BYOL's networks, used mask by mask: the online encoder, projector and predictor, and the
+    target (an EMA copy) encoder and projector. forward(view1, view2, masks1, masks2) returns
+    R2O's loss for a batch.
+
+    encoder: a backbone encoder_features reads (build_encoder's ResNet). heads: how the pooled
+    rows go through the MLPs (heads, the reference's; the training script may give
+    heads_merging_empty_rows, the same numbers computed faster where most masks are empty).
+    Uses: encoder_features, feature_dim, mlp, mask_pool, mask_overlap, mask_loss, heads,
+    POOL_LAYER.
+    """
+
+    def __init__(self, encoder, hidden_dim=4096, out_dim=256, heads=heads):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = mlp(feature_dim(encoder, POOL_LAYER), hidden_dim, out_dim)
+        self.predictor = mlp(out_dim, hidden_dim, out_dim)
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.heads = heads
+
+    def forward(self, view1, view2, masks1, masks2, groups=1):
+        """Views B x 3 x S x S and their masks B x K x g^2 -> the loss (groups: see mask_loss)."""
+        views, masks = torch.cat([view1, view2]), torch.cat([masks1, masks2])   # one batch
+        online = mask_pool(encoder_features(self.encoder, views, POOL_LAYER), masks)   # 2B x K x C
+        p1, p2 = self.heads(online, [self.projector, self.predictor]).chunk(2)
+        with torch.no_grad():
+            target = mask_pool(encoder_features(self.target_encoder, views, POOL_LAYER), masks)
+            z1, z2 = self.heads(target, [self.target_projector]).chunk(2)
+        return mask_loss(p1, p2, z1, z2, mask_overlap(masks1, masks2), groups)
+
+
+# ---- the curriculum and the schedules ----
+
+def k_schedule(epoch, epochs, kind='cosine', k_max=128, k_min=4):
+    """Number of clusters K for `epoch` (counted from 1 to `epochs`), or None for 'none'
+    (the superpixels themselves are the masks).
+
+    cosine (R2O's default): int(k_min + (k_max - k_min) * cos(pi/2 * epoch/epochs)), 128 -> 4;
+    linear: from k_max down to k_min; constant: k_max (k_max=1 is BYOL).
+    """
+    if kind == 'none':
+        return None
+    if kind == 'constant':
+        return k_max
+    t = epoch / epochs
+    if kind == 'cosine':
+        return int(k_min + (k_max - k_min) * math.cos(math.pi / 2 * t))
+    if kind == 'linear':
+        return int(round(k_max - (k_max - k_min) * t))
+    raise ValueError(f'unknown K schedule {kind}')
+
+
+def learning_rate(step, total_steps, warmup_steps, base_lr=0.3, batch_size=256, k=None):
+    """The learning rate at `step`: base_lr per 256 images, scaled linearly to the global
+    batch_size, times K/16 when the epoch's K is given (the reference's); a linear warmup from 0
+    over warmup_steps, then a cosine to 0 at total_steps."""
+    peak = base_lr * batch_size / 256 * (k / 16 if k is not None else 1)
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ema_momentum(step, total_steps, base=0.99, batch_ratio=1.0):
+    """The target's EMA momentum at `step`: base ** batch_ratio at step 0, then up to 1 at the
+    end on a cosine.
+
+    base is the momentum per step at the paper's global batch of 4096; batch_ratio = this run's
+    global batch / 4096 keeps the target's horizon in images (the EMA scaling rule: 0.99 per
+    4096 images is 0.99^(1/16) = 0.99937 per step of 256)."""
+    start = base ** batch_ratio
+    return 1 - (1 - start) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(model, momentum):
+    """target = momentum * target + (1 - momentum) * online, over the parameters of an R2O
+    model's encoder and projector (the reference's: the target's BatchNorm running statistics
+    stay those of its own forward passes)."""
+    online = [p for net in (model.encoder, model.projector) for p in net.parameters()]
+    target = [p for net in (model.target_encoder, model.target_projector) for p in net.parameters()]
+    torch._foreach_lerp_(target, online, 1 - momentum)
+
+
+# ---- the optimizer ----
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al.) with SGD momentum, as the reference computes it: the learning rate and
+    the trust ratio go into the momentum buffer,
+
+        buf = momentum * buf + lr * trust * (grad + weight_decay * w),   w -= buf,
+        trust = trust_coefficient * |w| / (|grad| + weight_decay * |w|),
+
+    per tensor, so a change of lr (warmup, the K/16 scaling) acts on new gradients only. A zero
+    weight takes trust 1, as in the reference (a zero gradient gives trust_coefficient /
+    weight_decay, as its formula does). Groups with lars_exclude=True (biases and BatchNorm)
+    take buf = momentum * buf + lr * grad: no trust ratio, no weight decay. All tensors of a
+    group are updated together (torch._foreach)."""
+
+    def __init__(self, params, lr=0.0, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            params = [p for p in g['params'] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
+                if 'momentum_buffer' not in self.state[p]:
+                    self.state[p]['momentum_buffer'] = torch.zeros_like(p)
+                bufs.append(self.state[p]['momentum_buffer'])
+            if g['lars_exclude']:
+                updates = torch._foreach_mul(grads, g['lr'])
+            else:
+                wd = g['weight_decay']
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                denominator = g_norm + wd * w_norm
+                # 0/0 only with a zero gradient and no weight decay: the update is 0 anyway
+                trust = torch.where((w_norm > 0) & (denominator > 0),
+                                    g['trust_coefficient'] * w_norm / denominator,
+                                    torch.ones_like(w_norm))
+                updates = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_mul_(updates, list((trust * g['lr']).unbind()))
+            torch._foreach_mul_(bufs, g['momentum'])
+            torch._foreach_add_(bufs, updates)
+            torch._foreach_sub_(params, bufs)
+
+
+def lars_param_groups(module):
+    """Two groups: weights (LARS + weight decay) and biases + every BatchNorm parameter (neither).
+
+    Only parameters that require grad (the online networks) are included."""
+    regular, excluded = [], []
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_bn = isinstance(m, nn.modules.batchnorm._NormBase)
+            (excluded if is_bn or name == 'bias' else regular).append(p)
+    return [dict(params=regular), dict(params=excluded, weight_decay=0.0, lars_exclude=True)]
+
+
+# ================================ speed and bookkeeping ================================
+#
+# What exists only to make the method fast, or to feed it: each function here computes what a
+# part of the method computes (a test holds it equal to the plain version), and the training
+# script chooses it.
 
 def mlp_with_counts(mlp, x, counts):
     """An mlp (Linear, BatchNorm1d, ReLU, Linear) on a batch whose row i stands for counts[i]
@@ -248,214 +493,205 @@ def mlp_with_counts(mlp, x, counts):
     return linear2(relu((h - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias))
 
 
-def byol_loss(prediction, target, weight=None):
-    """BYOL's regression loss 2 - 2 cos(prediction, target) over rows (N x D): the mean, or the
-    mean over the rows where `weight` (N,) is 1 when a 0/1 weight is given."""
-    p = F.normalize(prediction.float(), dim=-1)
-    z = F.normalize(target.float(), dim=-1)
-    loss = 2 - 2 * (p * z).sum(-1)
-    if weight is None:
-        return loss.mean()
-    return (loss * weight).sum() / weight.sum().clamp_min(1)
+def heads_merging_empty_rows(rows, mlps):
+    """heads(rows, mlps), computed on the distinct rows. Every empty mask pools to the same zero
+    row, so that row goes through the MLPs once and counts as often as it occurs
+    (mlp_with_counts): the outputs, gradients and BatchNorm statistics of heads, at the cost of
+    the non-empty rows. At K=128 an image has about 5 of its 128 masks in a view, and a CPU step
+    takes 1.4x BYOL's instead of 5.6x (bench.py). Counting the rows reads a number from the
+    device, a wait on a GPU, where every row through the heads costs little: the training
+    script uses this on a CPU."""
+    flat = rows.flatten(0, 1)
+    keep = (flat != 0).any(1)                              # the rows that are not the zero row
+    n_keep = int(keep.sum())
+    distinct = torch.cat([flat[keep], flat.new_zeros(1, flat.shape[1])])
+    counts = torch.cat([torch.ones(n_keep, device=flat.device), (~keep).sum()[None].float()])
+    for m in mlps:
+        distinct = mlp_with_counts(m, distinct, counts)
+    back = torch.where(keep, keep.cumsum(0) - 1, n_keep)   # row r of rows is distinct[back[r]]
+    return distinct[back].view(*rows.shape[:2], -1)
 
 
-class R2O(nn.Module):
-    """Online encoder + projector + predictor, and the target (EMA) encoder + projector.
+BATCH_TENSORS = ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')
 
-    forward(view1, view2, masks1, masks2) returns the mask-level BYOL loss, (L12 + L21) / 2 with
-    each term the mean over the (image, mask) pairs present in both views, and the number of
-    such pairs (a tensor: reading it would wait for the GPU).
 
-    head_rows: 'all' (the reference) sends every pooled row, empty masks included, through the
-    projector and predictor, so their BatchNorm statistics see the empty rows, and masks the
-    loss afterwards; 'overlap' sends only the pairs present in both views.
-    pool_min_area: see mask_pool (1, the reference's; 1e-6 for the plain average).
-    merge_empty_rows: with head_rows 'all', compute the heads once for all empty masks, which
-    pool to identical zero rows (mlp_with_counts): the same loss, gradients and statistics at
-    a fraction of the cost where most of the B x K masks are empty (K=128). None: on a CPU only,
-    as on a GPU selecting rows waits for the device and the full rows cost little there.
-    """
+def batch_to_device(batch, device, channels_last=False):
+    """A loader batch's tensors on `device`, copied without waiting (from pinned memory on CUDA).
+    The batch's number of superpixel ids, `n_superpixels`, was counted by the loader (data.collate)."""
+    for name in BATCH_TENSORS:
+        batch[name] = batch[name].to(device, non_blocking=True)
+        if channels_last and batch[name].dim() == 4:
+            batch[name] = batch[name].contiguous(memory_format=torch.channels_last)
+    return batch
 
-    def __init__(self, arch='resnet50', hidden_dim=4096, out_dim=256, min_mask_area=1e-3,
-                 head_rows='all', pool_min_area=1.0, merge_empty_rows=None):
-        super().__init__()
-        if head_rows not in ('all', 'overlap'):
-            raise ValueError(f'unknown head_rows {head_rows}')
-        self.encoder = build_encoder(arch)
-        dim = feature_dim(self.encoder)
-        self.projector = mlp(dim, hidden_dim, out_dim)
-        self.predictor = mlp(out_dim, hidden_dim, out_dim)
-        self.target_encoder = build_encoder(arch)
-        self.target_projector = mlp(dim, hidden_dim, out_dim)
-        self.min_mask_area = min_mask_area
-        self.head_rows = head_rows
-        self.pool_min_area = pool_min_area
-        self.merge_empty_rows = merge_empty_rows
-        for online, target in self.online_target_pairs():
-            target.load_state_dict(online.state_dict())
-            target.requires_grad_(False)
 
-    def online_target_pairs(self):
-        return ((self.encoder, self.target_encoder), (self.projector, self.target_projector))
+def batches_on_device(loader, device, channels_last=False):
+    """The loader's batches on `device`, each one copied while the step before it runs.
 
-    def forward(self, view1, view2, masks1, masks2):
-        valid = mask_overlap(masks1, masks2, self.min_mask_area)               # B x K
-        views, masks = torch.cat([view1, view2]), torch.cat([masks1, masks2])
-        merge = self.merge_empty_rows
-        if merge is None:
-            merge = views.device.type == 'cpu'
-        keep = counts = None
-        if self.head_rows == 'overlap':
-            keep = valid.repeat(2, 1).flatten()
-        elif merge:
-            keep = masks.sum(-1).flatten() > 0                # the rows that are not all zero
-            counts = torch.cat([torch.ones(int(keep.sum()), device=views.device),
-                                (~keep).sum()[None].float()])
-            # row r of the 2B x K rows is compact row back[r]; every empty row is the last one
-            back = torch.where(keep, keep.cumsum(0) - 1, counts.numel() - 1)
+    On CUDA the copies run on a stream of their own: the next batch's copy is queued before a
+    batch is handed out, the step's stream waits for that batch's copy alone (an event per
+    batch), and its tensors are recorded on the step's stream so that their memory is not
+    reused while the step still reads them. On a CPU the batches are simply copied ahead."""
+    stream = torch.cuda.Stream(device) if device.type == 'cuda' else None
 
-        def heads(pooled, *mlps):              # both views together, as one batch for BatchNorm
-            if counts is not None:             # the non-empty rows, then one zero row for the rest
-                pooled = torch.cat([pooled[keep], pooled.new_zeros(1, pooled.shape[1])])
-            elif keep is not None:
-                pooled = pooled[keep]
-            for m in mlps:
-                pooled = m(pooled) if counts is None else mlp_with_counts(m, pooled, counts)
-            return pooled if counts is None else pooled[back]
+    def ready(batch):
+        if stream is not None:
+            step_stream = torch.cuda.current_stream(device)
+            step_stream.wait_event(batch.pop('copied'))
+            for name in BATCH_TENSORS:
+                batch[name].record_stream(step_stream)
+        return batch
 
-        def pool(encoder):
-            return mask_pool(encoder_features(encoder, views), masks, self.pool_min_area).flatten(0, 1)
+    ahead = None
+    for batch in loader:
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            batch = batch_to_device(batch, device, channels_last)
+            if stream is not None:
+                batch['copied'] = stream.record_event()
+        if ahead is not None:
+            yield ready(ahead)
+        ahead = batch
+    if ahead is not None:
+        yield ready(ahead)
 
-        p1, p2 = heads(pool(self.encoder), self.projector, self.predictor).chunk(2)
-        with torch.no_grad():
-            z1, z2 = heads(pool(self.target_encoder), self.target_projector).chunk(2)
-        weight = None if self.head_rows == 'overlap' else valid.flatten().float()
-        loss = (byol_loss(p1, z2, weight) + byol_loss(p2, z1, weight)) / 2
-        return loss, valid.sum()
+
+# ================================ the training step and epoch ================================
+
+def step_generator(seed, rank, step):
+    """The generator of one step's k-means draws, seeded by (seed, rank, step) alone: a resumed
+    run draws exactly what an uninterrupted one would, whatever the process drew before. It is a
+    CPU generator on every device (kmeans_seeds moves its numbers), so a GPU draws what a CPU
+    draws."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63)
+
+
+def step_loss(model, ddp_model, batch, k, generator, run):
+    """The loss of one batch already on the device: its masks (masks_for_batch, with the run's
+    clustering and --cluster-batch groups), then R2O's loss, under the run's precision.
+
+    Returns the loss and the number of (image, mask) pairs in it, both device tensors: reading
+    them would make the host wait for the GPU."""
+    B = batch['raw'].shape[0]
+    group = run['cluster_batch'] or B
+    with run['autocast']():
+        masks1, masks2, _ = masks_for_batch(
+            model.target_encoder, batch['raw'], batch['superpixels'], batch['boxes'],
+            batch['flips'], k, run['kmeans_iters'], generator, group, batch['n_superpixels'],
+            run['cluster'])
+        loss = ddp_model(batch['view1'], batch['view2'], masks1, masks2, B // group)
+    return loss, mask_overlap(masks1, masks2).sum()
+
+
+def step_update(model, optimizer, lr, momentum):
+    """After the backward pass: LARS at this step's lr, then the target's EMA update."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    optimizer.step()
+    ema_update(model, momentum)
+
+
+def train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run):
+    """One pass over the loader. `run` holds the run-wide constants (run_constants).
+    Returns the step count and a dict of epoch statistics.
+
+    Loss and mask counts add up on the device and are read only for a progress line, so the
+    host never waits for the GPU within a step; a non-finite loss is caught there, before the
+    epoch's checkpoint is written."""
+    device = run['device']
+    k = k_schedule(epoch + 1, args.epochs, args.k_schedule, args.k_max, args.k_min)
+    model.train()
+    n_steps = len(loader)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)     # loss, mask pairs
+    seen, bad, checked = 0, [], 0
+    start = time.time()
+    for it, batch in enumerate(batches_on_device(loader, device, run['channels_last'])):
+        lr = learning_rate(step, run['total_steps'], run['warmup_steps'], args.lr,
+                           run['global_batch'], k if args.lr_k_scale else None)
+        momentum = ema_momentum(step, run['total_steps'], args.ema, run['ema_batch_ratio'])
+        loss, pairs = step_loss(model, ddp_model, batch, k, step_generator(args.seed, run['rank'], step), run)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step_update(model, optimizer, lr, momentum)
+        step += 1
+        sums += torch.stack([loss.detach().double(), pairs.double()])
+
+        seen += batch['view1'].shape[0]
+        for name in batch['bad']:
+            print(f'[rank {run["rank"]}] unreadable image skipped: {name}', flush=True)
+        bad += batch['bad']
+        if len(bad) > args.max_bad_fraction * seen and (seen >= 200 or it + 1 == n_steps):
+            raise data.DataError(
+                f'{len(bad)} of {seen} images read so far are unreadable (over --max-bad-fraction '
+                f'{args.max_bad_fraction}), e.g. ' + '; '.join(bad[:5]))
+
+        if (it + 1) % args.print_freq == 0 or it + 1 == n_steps:
+            loss_sum, pairs_sum = sums.tolist()
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(
+                    f'loss is {loss_sum} in epoch {epoch + 1} between steps {checked + 1} and '
+                    f'{it + 1}: stopping. The last good checkpoint (end of epoch {epoch}) in '
+                    f'{args.output_dir} is untouched; try a lower --lr or --no-amp')
+            checked = it + 1
+            if run['rank'] == 0:
+                elapsed = time.time() - start
+                per_step = elapsed / (it + 1)
+                left_epoch = per_step * (n_steps - it - 1)
+                left_run = left_epoch + per_step * n_steps * (run['last_epoch'] - epoch - 1)
+                print(f'epoch {epoch + 1}/{args.epochs} [{it + 1:>{len(str(n_steps))}}/{n_steps}] '
+                      f'loss {loss_sum / (it + 1):.4f} K {k if k is not None else "superpixels"} '
+                      f'lr {lr:.4g} ema {momentum:.5f} masks/img {pairs_sum / seen:.1f} '
+                      f'{seen * run["world"] / elapsed:.1f} img/s '
+                      f'eta epoch {fmt_time(left_epoch)} run {fmt_time(left_run)}', flush=True)
+
+    stats = torch.cat([sums, torch.tensor([seen, n_steps, len(bad)], dtype=torch.float64,
+                                          device=device)])
+    if run['world'] > 1:
+        dist.all_reduce(stats)
+    elapsed = time.time() - start
+    return step, dict(epoch=epoch + 1, loss=stats[0].item() / stats[3].item(),
+                      k=k if k is not None else 'superpixels', lr=lr, ema_momentum=momentum,
+                      masks_per_image=stats[1].item() / stats[2].item(),
+                      images_per_s=stats[2].item() / elapsed, time_s=round(elapsed, 1),
+                      unreadable_images=int(stats[4].item()))
+
+
+def fmt_time(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 @torch.no_grad()
-def ema_update(model, momentum, buffers=False):
-    """target = momentum * target + (1 - momentum) * online, over the parameters (the
-    reference's); with buffers=True also over the BatchNorm running statistics (the target's
-    own are otherwise those of its forward passes)."""
-    for online, target in model.online_target_pairs():
-        if buffers:
-            pairs = list(zip(target.state_dict().values(), online.state_dict().values()))
-        else:
-            pairs = list(zip(target.parameters(), online.parameters()))
-        floats = [(t, o) for t, o in pairs if t.dtype.is_floating_point]
-        torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1 - momentum)
-        for t, o in pairs:
-            if not t.dtype.is_floating_point:
-                t.copy_(o)
+def visualize(model, vis, k, args, device, path, title):
+    """Refine the fixed picture batch with the current target encoder and draw it (rank 0).
 
-
-# ================================ schedules ================================
-
-def k_schedule(epoch, epochs, kind='cosine', k_max=128, k_min=4):
-    """Number of clusters K for `epoch` (counted from 1 to `epochs`), or None for 'none'
-    (the superpixels themselves are the masks).
-
-    cosine (R2O's default): int(k_min + (k_max - k_min) * cos(pi/2 * epoch/epochs)), 128 -> 4;
-    linear: from k_max down to k_min; constant: k_max (k_max=1 is BYOL).
-    """
-    if kind == 'none':
-        return None
-    if kind == 'constant':
-        return k_max
-    t = epoch / epochs
-    if kind == 'cosine':
-        return int(k_min + (k_max - k_min) * math.cos(math.pi / 2 * t))
-    if kind == 'linear':
-        return int(round(k_max - (k_max - k_min) * t))
-    raise ValueError(f'unknown K schedule {kind}')
-
-
-def learning_rate(step, total_steps, warmup_steps, base_lr):
-    """Linear warmup from 0 over warmup_steps, then cosine to 0 at total_steps."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def ema_momentum(step, total_steps, base=0.99):
-    """Target EMA momentum, from `base` at step 0 to 1 at the end, on a cosine."""
-    return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-# ================================ optimizer ================================
-
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al.) with SGD momentum, as the reference computes it: the learning rate and
-    the trust ratio go into the momentum buffer,
-
-        buf = momentum * buf + lr * trust * (grad + weight_decay * w),   w -= buf,
-        trust = trust_coefficient * |w| / (|grad| + weight_decay * |w|),
-
-    so a change of lr (warmup, the K/16 scaling) acts on new gradients only. Groups with
-    lars_exclude=True (biases and BatchNorm) take buf = momentum * buf + lr * grad: no trust
-    ratio, no weight decay. All tensors of a group are updated together (torch._foreach)."""
-
-    def __init__(self, params, lr=0.0, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient, lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for g in self.param_groups:
-            params = [p for p in g['params'] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if 'momentum_buffer' not in state:
-                    state['momentum_buffer'] = torch.zeros_like(p)
-                bufs.append(state['momentum_buffer'])
-            if g['lars_exclude']:
-                updates = torch._foreach_mul(grads, g['lr'])
-            else:
-                wd = g['weight_decay']
-                w_norm = torch.stack(torch._foreach_norm(params))
-                g_norm = torch.stack(torch._foreach_norm(grads))
-                # a zero weight or gradient (never at init) takes a plain step instead of 0/0
-                trust = torch.where((w_norm > 0) & (g_norm > 0),
-                                    g['trust_coefficient'] * w_norm / (g_norm + wd * w_norm),
-                                    torch.ones_like(w_norm))
-                updates = torch._foreach_add(grads, params, alpha=wd)
-                torch._foreach_mul_(updates, list((trust * g['lr']).unbind()))
-            torch._foreach_mul_(bufs, g['momentum'])
-            torch._foreach_add_(bufs, updates)
-            torch._foreach_sub_(params, bufs)
-
-
-def lars_param_groups(module):
-    """Two groups: weights (LARS + weight decay) and biases + every BatchNorm parameter (neither).
-
-    Only parameters that require grad (the online networks) are included."""
-    regular, excluded = [], []
-    for m in module.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_bn = isinstance(m, nn.modules.batchnorm._NormBase)
-            (excluded if is_bn or name == 'bias' else regular).append(p)
-    return [dict(params=regular), dict(params=excluded, weight_decay=0.0, lars_exclude=True)]
+    Every rank runs it (SyncBatchNorm needs all of them) on a copy of the encoder, with its
+    own generator, so training state and random streams are untouched."""
+    raw, sp = vis['raw'].to(device), vis['superpixels'].to(device)
+    if k is None:
+        labels = sp
+    else:
+        encoder = copy.deepcopy(model.target_encoder)
+        labels = refine(encoder_features(encoder, raw, CLUSTER_LAYER), sp, k, args.kmeans_iters,
+                        torch.Generator().manual_seed(0))
+    if path is not None:
+        mask_picture([data.denormalize(x) for x in raw.cpu()], sp.cpu().numpy(),
+                     labels.cpu().numpy(), path, title)
 
 
 # ================================ arguments ================================
 
 # Defaults that depend on the data: the paper's settings for a real dataset, a small preset for
-# the built-in generated scenes (about 4 minutes on 2 CPU cores). A flag given explicitly wins.
+# the built-in generated scenes (about 3 minutes on 2 CPU cores). A flag given explicitly wins.
 PAPER = dict(arch='resnet50', image_size=224, epochs=300, batch_size=32, lr=0.3,
              superpixels=100, slic_compactness=10.0, slic_sigma=0.0, k_max=128, k_min=4,
-             warmup_epochs=3, workers=8, save_every=25, vis_every=10, print_freq=50)
+             warmup_epochs=3, ema_batch_scale=True, workers=8, save_every=25, vis_every=10,
+             print_freq=50)
+# The demo's EMA: 0.99 per step of 32 images, unscaled. Scaled to the paper's horizon (0.99 per
+# 4096 images) it would be 0.99992 per step, and the target would hardly move in 160 steps.
 DEMO = dict(arch='resnet18', image_size=64, epochs=8, batch_size=32, lr=2.4, superpixels=24,
             slic_compactness=30.0, slic_sigma=1.0, k_max=32, k_min=4, warmup_epochs=1,
-            workers=2, save_every=4, vis_every=1, print_freq=8, synthetic_images=640)
+            ema_batch_scale=False, workers=2, save_every=4, vis_every=1, print_freq=8,
+            synthetic_images=640)
+PAPER_GLOBAL_BATCH = 4096           # 128 GPUs x 32 images
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -471,11 +707,13 @@ def get_args_parser(add_help=True):
     g = p.add_argument_group('data')
     g.add_argument('--data', default='synthetic',
                    help='an image folder (PATH/train is used if it exists: ImageNet; or any folder '
-                        'of images, searched recursively: COCO), or "synthetic" for generated scenes')
+                        'of images, searched recursively: COCO\'s train2017), or "synthetic" for '
+                        'generated scenes')
     g.add_argument('--synthetic-images', type=int, default=None,
                    help='number of generated scenes per epoch with --data synthetic (preset 640)')
     g.add_argument('--image-size', type=int, default=None,
-                   help='training resolution (224; synthetic preset 64). Masks live at image-size/4')
+                   help='training resolution, a multiple of 32 (224; synthetic preset 64). Masks '
+                        'live at image-size/4')
     g.add_argument('--superpixels', type=int, default=None,
                    help='SLIC n_segments per image (100; synthetic preset 24)')
     g.add_argument('--slic-compactness', type=float, default=None,
@@ -486,8 +724,6 @@ def get_args_parser(add_help=True):
     g.add_argument('--slic-input', default='rgb', choices=['rgb', 'normalized'],
                    help='what SLIC sees: the RGB image, or (as the reference code) the mean/std '
                         'normalised one')
-    g.add_argument('--slic-size', type=int, default=None,
-                   help='run SLIC on the whole image resized to this size (default: --image-size)')
     g.add_argument('--superpixel-cache', default='runs/superpixel-cache',
                    help='folder for the per-dataset superpixel cache (computed once, reused every '
                         'epoch and by every run on the same data); "none" recomputes SLIC every time')
@@ -505,18 +741,6 @@ def get_args_parser(add_help=True):
     g.add_argument('--arch', default=None, help='resnet18/34/50/101/152 (resnet50; preset resnet18)')
     g.add_argument('--hidden-dim', type=int, default=4096, help='projector/predictor hidden size')
     g.add_argument('--out-dim', type=int, default=256, help='projection size')
-    g.add_argument('--min-mask-area', type=float, default=1e-3,
-                   help='a mask counts as present in a view when its area, in final feature cells '
-                        '(7 x 7 = 49 at 224 px), exceeds this; only masks present in both views '
-                        'enter the loss (the reference\'s 1e-3: any trace of the mask)')
-    g.add_argument('--head-rows', default='all', choices=['all', 'overlap'],
-                   help='which pooled masks go through projector and predictor: all of them, empty '
-                        'ones as zero rows, the loss masked afterwards (the reference: BatchNorm '
-                        'statistics include the empty rows), or only the pairs present in both views '
-                        '(BatchNorm statistics of those pairs alone)')
-    g.add_argument('--mask-pool', default='reference', choices=['reference', 'average'],
-                   help='pool a mask\'s features as their sum / max(area, 1 cell) (the reference: '
-                        'masks under one cell are summed) or as the masked average')
 
     g = p.add_argument_group('masks and the K curriculum')
     g.add_argument('--k-schedule', default='cosine', choices=['cosine', 'linear', 'constant', 'none'],
@@ -527,16 +751,16 @@ def get_args_parser(add_help=True):
     g.add_argument('--kmeans-iters', type=int, default=30,
                    help='Lloyd iterations per step, fixed (the reference runs to convergence, cap 200)')
     g.add_argument('--cluster-batch', type=int, default=None,
-                   help='k-means over each group of this many images on its own (default: the '
-                        'whole per-GPU batch); the target encoder still sees the whole batch. The '
-                        'paper clusters 32 images per GPU: with a larger --batch-size on a large '
-                        'GPU, --cluster-batch 32 keeps that')
+                   help='k-means over each group of this many images on its own, and the loss the '
+                        'mean of the groups\' losses (default: the whole per-GPU batch is one '
+                        'group); the target encoder still sees the whole batch. The paper clusters '
+                        '32 images per GPU: with a larger --batch-size, --cluster-batch 32 keeps that')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=None, help='epochs (300; preset 8)')
     g.add_argument('--batch-size', type=int, default=None,
-                   help='images per GPU/process (32). k-means clusters one per-GPU batch, so keep '
-                        'this fixed and scale the number of GPUs')
+                   help='images per GPU/process (32). The paper\'s global batch is 4096: on 8 GPUs '
+                        'give 512 with --cluster-batch 32')
     g.add_argument('--lr', type=float, default=None,
                    help='base learning rate for a global batch of 256, scaled linearly (0.3; '
                         'synthetic preset 2.4: its 160 steps at batch 32 barely move LARS-scaled '
@@ -545,18 +769,20 @@ def get_args_parser(add_help=True):
                    help='multiply the lr by K/16 with the epoch\'s K (the reference\'s default)')
     g.add_argument('--warmup-epochs', type=float, default=None, help='linear lr warmup (3; preset 1)')
     g.add_argument('--weight-decay', type=float, default=1e-6, help='LARS weight decay')
-    g.add_argument('--ema', type=float, default=0.99, help='target EMA momentum at the start (-> 1)')
-    g.add_argument('--ema-buffers', action='store_true',
-                   help='also average the BatchNorm running statistics into the target (the '
-                        'reference averages parameters only; its target keeps the statistics of '
-                        'its own forward passes). Matters for eval_cub.py --encoder target')
+    g.add_argument('--ema', type=float, default=0.99,
+                   help='target EMA momentum at the start (-> 1 on a cosine): per step at the '
+                        'paper\'s global batch of 4096, scaled to this run\'s (see --ema-batch-scale)')
+    g.add_argument('--ema-batch-scale', action=argparse.BooleanOptionalAction, default=None,
+                   help='use --ema ** (global batch / 4096) per step, the paper\'s horizon in '
+                        'images (on; synthetic preset off: --ema per step, so that its few hundred '
+                        'steps move the target)')
 
     g = p.add_argument_group('run')
     g.add_argument('--output-dir', default=None,
                    help='where checkpoints, logs and pictures go (runs/<data>-<k-schedule>); a '
                         'checkpoint.pt already there is resumed')
     g.add_argument('--resume', default=None, help='continue from this checkpoint.pt')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--seed', type=int, default=0, help='any non-negative integer')
     g.add_argument('--save-every', type=int, default=None,
                    help='keep a copy of the checkpoint every N epochs (25; preset 4)')
     g.add_argument('--vis-every', type=int, default=None,
@@ -567,12 +793,16 @@ def get_args_parser(add_help=True):
                         'start again with the same command to continue')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=True,
                    help='bf16 autocast where the device supports it (never on CPU)')
+    g.add_argument('--deterministic', action='store_true',
+                   help='the same bits every run on a GPU too: deterministic CUDA algorithms '
+                        '(cuDNN, cuBLAS) and k-means sums by a matrix product instead of atomic '
+                        'additions (on a CPU runs are deterministic without it)')
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     return p
 
 
 def resolve_args(args):
-    """Fill the data-dependent defaults and derived names. Returns args."""
+    """Fill the data-dependent defaults and derived names; a bad value is a DataError. Returns args."""
     preset = DEMO if args.data == 'synthetic' else PAPER
     for key, value in preset.items():
         if getattr(args, key, None) is None:
@@ -581,8 +811,11 @@ def resolve_args(args):
         name = 'synthetic' if args.data == 'synthetic' else Path(args.data).resolve().name
         sched = args.k_schedule + (str(args.k_max) if args.k_schedule == 'constant' else '')
         args.output_dir = str(Path('runs') / f'{name}-{sched}')
-    if args.image_size % 32:
-        raise data.DataError(f'--image-size must be a multiple of 32 (got {args.image_size})')
+    if args.image_size % STRIDE[POOL_LAYER]:
+        raise data.DataError(f'--image-size must be a multiple of {STRIDE[POOL_LAYER]} '
+                             f'(got {args.image_size})')
+    if args.seed < 0:
+        raise data.DataError(f'--seed must be a non-negative integer (got {args.seed})')
     group = args.cluster_batch
     if group is not None and (group < 1 or args.batch_size % group):
         raise data.DataError(f'--batch-size {args.batch_size} is not a multiple of --cluster-batch '
@@ -590,10 +823,177 @@ def resolve_args(args):
     return args
 
 
-def build_model(args):
-    pool_min_area = 1.0 if args.mask_pool == 'reference' else 1e-6
-    return R2O(args.arch, args.hidden_dim, args.out_dim, args.min_mask_area, args.head_rows,
-               pool_min_area)
+def build_model(arch='resnet50', hidden_dim=4096, out_dim=256, merge_empty_rows=False):
+    """R2O with a torchvision ResNet; merge_empty_rows: its heads computed by
+    heads_merging_empty_rows (the same numbers, faster where the device answers without a wait)."""
+    return R2O(build_encoder(arch), hidden_dim, out_dim,
+               heads_merging_empty_rows if merge_empty_rows else heads)
+
+
+def run_constants(args, rank, world, device, steps_per_epoch):
+    """What a step needs besides the model and the data: device, schedule lengths, the global
+    batch and the EMA's batch ratio, precision, the clustering and its groups."""
+    global_batch = args.batch_size * world
+    bf16 = args.amp and device.type == 'cuda' and torch.cuda.is_bf16_supported()
+    # a GPU's index_add_ adds floats atomically in a varying order; a CPU's is deterministic
+    deterministic_sums = args.deterministic and device.type == 'cuda'
+    return dict(device=device, rank=rank, world=world, global_batch=global_batch,
+                total_steps=args.epochs * steps_per_epoch,
+                warmup_steps=int(args.warmup_epochs * steps_per_epoch),
+                ema_batch_ratio=global_batch / PAPER_GLOBAL_BATCH if args.ema_batch_scale else 1.0,
+                bf16=bf16, channels_last=device.type == 'cuda',
+                autocast=(functools.partial(torch.autocast, 'cuda', dtype=torch.bfloat16) if bf16
+                          else nullcontext),
+                kmeans_iters=args.kmeans_iters, cluster_batch=args.cluster_batch,
+                cluster=functools.partial(kmeans, deterministic=True) if deterministic_sums else kmeans,
+                last_epoch=args.epochs)
+
+
+def startup_lines(args, run, n_images, steps_per_epoch, device):
+    """What the run will do, and on a dataset run how its batch, lr and EMA compare with the
+    paper's (global batch 4096, lr 4.8 x K/16, EMA 0.99 per step)."""
+    B, world = run['global_batch'], run['world']
+    k16 = ' x K/16' if args.lr_k_scale else ''
+    momentum = args.ema ** run['ema_batch_ratio']
+    lines = [f'{n_images} images, {world} process(es) x batch {args.batch_size} = global batch {B}, '
+             f'{steps_per_epoch} steps/epoch, device {device}'
+             f'{", bf16 autocast" if run["bf16"] else ", fp32"}'
+             f'{", deterministic" if args.deterministic else ""}',
+             f'this run:  global batch {B:>4}, lr {args.lr:g} x {B}/256 = {args.lr * B / 256:.4g}{k16}, '
+             f'EMA momentum {momentum:.5f} per step at the start'
+             + (f' ({args.ema:g}^({B}/{PAPER_GLOBAL_BATCH}): the paper\'s horizon in images)'
+                if args.ema_batch_scale else ' (--ema per step, not scaled to the batch)')]
+    if args.data != 'synthetic':
+        P = PAPER_GLOBAL_BATCH
+        lines.append(f'the paper: global batch {P}, lr 0.3 x {P}/256 = {0.3 * P / 256:g} x K/16, '
+                     f'EMA momentum 0.99 per step at the start')
+        if B != P:
+            base = f'r2o.py --data {args.data}'
+            lines.append(f'the paper\'s global batch: torchrun --nproc_per_node=8 {base} '
+                         f'--batch-size {P // 8} --cluster-batch 32 on 8 GPUs, or torchrun '
+                         f'--nnodes=2 --nproc_per_node=8 ... {base} --batch-size {P // 16} '
+                         f'--cluster-batch 32 on 16')
+    return lines
+
+
+# ================================ main ================================
+
+def build_dataset(args):
+    cache = None if args.superpixel_cache == 'none' else args.superpixel_cache
+    common = dict(image_size=args.image_size, n_segments=args.superpixels,
+                  slic_compactness=args.slic_compactness, slic_sigma=args.slic_sigma,
+                  slic_input=args.slic_input, flip_p=args.flip_p, blur=args.blur,
+                  cache_dir=cache, seed=args.seed)
+    if args.data == 'synthetic':
+        return data.SyntheticDataset(n_images=args.synthetic_images,
+                                     scene_size=2 * args.image_size, **common)
+    return data.ImageFolderDataset(args.data, **common)
+
+
+def build_loader(dataset, args, rank, world, device):
+    """This rank's shard of a seeded, per-epoch shuffle, in batches of args.batch_size."""
+    sampler = data.EpochSampler(torch.utils.data.DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed % 2**63,
+        drop_last=True))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        collate_fn=data.collate, pin_memory=device.type == 'cuda', drop_last=True,
+        persistent_workers=args.workers > 0)
+    if len(loader) == 0:
+        raise data.DataError(f'{len(dataset)} images are fewer than one batch of '
+                             f'{args.batch_size} x {world} processes')
+    return sampler, loader
+
+
+def make_deterministic():
+    """Deterministic CUDA algorithms, before CUDA starts: cuBLAS needs its workspace setting in
+    the environment before its first call, cuDNN its flags."""
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def main(args):
+    resolve_args(args)
+    if args.deterministic:
+        make_deterministic()
+    ddp, rank, world, device = setup_distributed(args)
+    torch.manual_seed(args.seed % 2**63)        # the same initial weights on every rank
+    output_dir = Path(args.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print('settings:\n' + '\n'.join(f'  {k}: {v}' for k, v in sorted(vars(args).items())),
+              flush=True)
+
+    # ===== preparing data =====
+    dataset = build_dataset(args)
+    sampler, loader = build_loader(dataset, args, rank, world, device)
+    vis = data.collate([dataset[(0, i)] for i in picture_indices(len(dataset))])
+
+    # ===== building networks and optimizer =====
+    # On a CPU the empty masks' rows go through the heads once, counted (4x faster at K=128);
+    # on a GPU counting them would wait for the device, and all rows cost little there.
+    model = build_model(args.arch, args.hidden_dim, args.out_dim,
+                        merge_empty_rows=device.type == 'cpu').to(device)
+    if ddp and device.type == 'cuda':      # SyncBatchNorm needs GPUs; gloo ranks keep plain BN
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    run = run_constants(args, rank, world, device, len(loader))
+    if run['channels_last']:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = LARS(lars_param_groups(model), weight_decay=args.weight_decay)
+    if rank == 0:
+        print('\n'.join(startup_lines(args, run, len(dataset), len(loader), device)), flush=True)
+
+    # ===== resume =====
+    start_epoch, step = 0, 0
+    ckpt_path = Path(args.resume) if args.resume else output_dir / 'checkpoint.pt'
+    if args.resume and not ckpt_path.is_file():
+        raise data.DataError(f'--resume {ckpt_path}: no such file')
+    if ckpt_path.is_file():
+        start_epoch, step = load_checkpoint(ckpt_path, model, optimizer, args)
+        if rank == 0:
+            print(f'resumed from {ckpt_path} after epoch {start_epoch}', flush=True)
+
+    ddp_model = model
+    if ddp:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    # ===== training =====
+    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    run['last_epoch'] = last_epoch
+    if start_epoch >= args.epochs and rank == 0:
+        print(f'{output_dir} already holds a finished run ({args.epochs} epochs); use another '
+              '--output-dir to train again', flush=True)
+    for epoch in range(start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        step, stats = train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run)
+        if ddp:
+            stats['rank_param_max_diff'] = params_in_sync(model, world)
+        if rank == 0:
+            ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                        step=step, args=vars(args))
+            kept = output_dir / f'checkpoint-epoch{epoch + 1:04d}.pt'
+            save_or_stop(ckpt, output_dir / 'checkpoint.pt', epoch)
+            if (epoch + 1) % args.save_every == 0:
+                save_or_stop(ckpt, kept, epoch + 1)
+            with open(output_dir / 'log.txt', 'a') as f:
+                f.write(json.dumps(stats) + '\n')
+            print(json.dumps(stats), flush=True)
+        if (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs:
+            k = k_schedule(epoch + 1, args.epochs, args.k_schedule, args.k_max, args.k_min)
+            path = output_dir / f'masks-epoch{epoch + 1:04d}.png' if rank == 0 else None
+            visualize(model, vis, k, args, device, path,
+                      f'epoch {epoch + 1}/{args.epochs}  K={k if k is not None else "superpixels"}')
+
+    if rank == 0 and last_epoch == args.epochs:
+        backbone = {k: v.cpu() for k, v in model.encoder.state_dict().items()}
+        save_or_stop(backbone, output_dir / 'backbone.pt', last_epoch)
+        print(f'done: {output_dir}/backbone.pt (torchvision {args.arch} state_dict), '
+              f'checkpoint.pt, log.txt, masks-epoch*.png', flush=True)
+    if ddp:
+        dist.destroy_process_group()
 
 
 # ================================ distributed ================================
@@ -628,16 +1028,50 @@ def params_in_sync(model, world):
 # ================================ checkpoints ================================
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file.
+
+    The bytes are made in memory and written by Python, so a full disk is the OSError it is
+    (torch's own file writer reports it as an unrelated RuntimeError); the partial file is
+    removed before the error goes on."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = Path(str(path) + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_or_stop(obj, path, epochs_done):
+    """save_atomic; a full disk stops the run with one line that names what is intact."""
+    try:
+        save_atomic(obj, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = Path(path).parent / 'checkpoint.pt'
+        if path != last and last.is_file():
+            intact = f'{last} (after epoch {epochs_done}) is intact'
+        elif last.is_file():
+            intact = f'{last} (after epoch {epochs_done}) is intact and unchanged'
+        else:
+            intact = 'no checkpoint was written yet'
+        raise data.DataError(f'the disk holding {Path(path).parent} is full ({e.strerror}): '
+                             f'{Path(path).name} was not written and its partial file removed; '
+                             f'{intact}: free some space and run the same command to continue '
+                             'from it') from None
 
 
 # Flags a resumed run may change: where and how it runs, not what a step computes; --lr and
 # --amp too, the way out of a diverged run. Every other flag must match the checkpoint's.
 FREE_ON_RESUME = ('output_dir', 'resume', 'stop_after', 'save_every', 'vis_every', 'print_freq',
-                  'workers', 'superpixel_cache', 'max_bad_fraction', 'device', 'amp', 'lr')
+                  'workers', 'superpixel_cache', 'max_bad_fraction', 'device', 'amp', 'lr',
+                  'deterministic')
 
 
 def load_checkpoint(path, model, optimizer, args):
@@ -664,11 +1098,6 @@ def load_checkpoint(path, model, optimizer, args):
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     return ckpt['epoch'], ckpt['step']
-
-
-def export_backbone(model, path):
-    """The online encoder as a plain torchvision ResNet state_dict (only fc.* absent)."""
-    save_atomic({k: v.cpu() for k, v in model.encoder.state_dict().items()}, path)
 
 
 # ================================ pictures ================================
@@ -715,279 +1144,6 @@ def mask_picture(images, superpixels, labels, path, title, scale=3):
     pic = Image.fromarray(np.concatenate([header, grid]))
     ImageDraw.Draw(pic).text((4, 3), title + '   (image | superpixels | masks)', fill=(0, 0, 0))
     pic.save(path)
-
-
-@torch.no_grad()
-def visualize(model, vis, k, args, device, path, title):
-    """Refine the fixed picture batch with the current target encoder and draw it (rank 0).
-
-    Every rank runs it (SyncBatchNorm needs all of them) on a copy of the encoder, with its
-    own generator, so training state and random streams are untouched."""
-    raw, sp = vis['raw'].to(device), vis['superpixels'].to(device)
-    if k is None:
-        labels = sp
-    else:
-        encoder = copy.deepcopy(model.target_encoder)
-        g = torch.Generator(device=device).manual_seed(0)
-        labels = refine(encoder_features(encoder, raw, 'layer3'), sp, k, args.kmeans_iters, g)
-    if path is not None:
-        mask_picture([data.denormalize(x) for x in raw.cpu()], sp.cpu().numpy(),
-                     labels.cpu().numpy(), path, title)
-
-
-# ================================ one epoch ================================
-
-def step_generator(args, rank, step, device):
-    """The generator for one step's k-means seeding, seeded by (seed, rank, step) alone: a
-    resumed run draws exactly what an uninterrupted one would, whatever the process (loader
-    workers, earlier epochs) drew from the global random streams before."""
-    return torch.Generator(device=device).manual_seed(
-        (args.seed * 1_000_003 + rank) * 1_000_000_007 + step)
-
-
-def masks_for_batch(model, batch, k, args, generator=None):
-    """Both views' soft masks for a batch: refine (k a number), superpixels (k None) or whole
-    crops (k == 1). Returns masks1, masks2 (B x K x g^2) and K.
-
-    With args.cluster_batch smaller than the batch, k-means clusters each group of that many
-    images on its own, as the paper's 32 images per GPU: one GPU with batch 256 and
-    --cluster-batch 32 computes what 8 GPUs with batch 32 compute, the target encoder's
-    BatchNorm statistics included (one forward over the whole batch here, SyncBatchNorm over
-    the 8 GPUs there)."""
-    sp = batch['superpixels']
-    if k is None:
-        labels, k = sp, batch['n_superpixels']
-    elif k == 1:
-        labels = torch.zeros_like(sp)          # one mask = the whole crop: plain BYOL
-    else:
-        features = encoder_features(model.target_encoder, batch['raw'], 'layer3')
-        labels = refine(features, sp, k, args.kmeans_iters, generator, batch['n_superpixels'],
-                        args.cluster_batch)
-    g = args.image_size // 32                  # final feature map size (7 at 224)
-    boxes, flips = batch['boxes'], batch['flips']
-    return (view_masks(labels, boxes[:, 0], flips[:, 0], k, g),
-            view_masks(labels, boxes[:, 1], flips[:, 1], k, g), k)
-
-
-BATCH_TENSORS = ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')
-
-
-def batch_to_device(batch, device, channels_last=False):
-    """Copy a loader batch to `device` without waiting for the copy (pinned memory on CUDA), and
-    note its number of superpixel ids while it is still on the host."""
-    batch['n_superpixels'] = int(batch['superpixels'].max()) + 1
-    for name in BATCH_TENSORS:
-        batch[name] = batch[name].to(device, non_blocking=True)
-        if channels_last and batch[name].dim() == 4:
-            batch[name] = batch[name].contiguous(memory_format=torch.channels_last)
-    return batch
-
-
-def batches_on_device(loader, device, channels_last=False):
-    """The loader's batches on `device`, each one's copy queued before the previous step's
-    work, so the GPU never waits for a host-to-device copy."""
-    ahead = None
-    for batch in loader:
-        batch = batch_to_device(batch, device, channels_last)
-        if ahead is not None:
-            yield ahead
-        ahead = batch
-    if ahead is not None:
-        yield ahead
-
-
-def train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run):
-    """One pass over the loader. `run` holds the run-wide constants (device, sizes, schedules).
-    Returns the step count and a dict of epoch statistics.
-
-    Loss and mask counts add up on the device and are read only for a progress line, so the
-    host never waits for the GPU within a step; a non-finite loss is caught there, before the
-    epoch's checkpoint is written."""
-    device = run['device']
-    k = k_schedule(epoch + 1, args.epochs, args.k_schedule, args.k_max, args.k_min)
-    lr_scale = k / 16 if (args.lr_k_scale and k is not None) else 1.0
-    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if run['bf16'] else nullcontext())
-    model.train()
-    n_steps = len(loader)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)     # loss, mask pairs
-    seen, bad, checked = 0, [], 0
-    start = time.time()
-    for it, batch in enumerate(batches_on_device(loader, device, run['channels_last'])):
-        lr = learning_rate(step, run['total_steps'], run['warmup_steps'], run['base_lr']) * lr_scale
-        momentum = ema_momentum(step, run['total_steps'], args.ema)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        with autocast:
-            masks1, masks2, k_used = masks_for_batch(
-                model, batch, k, args, step_generator(args, run['rank'], step, device))
-            loss, n_pairs = ddp_model(batch['view1'], batch['view2'], masks1, masks2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema_update(model, momentum, args.ema_buffers)
-        step += 1
-        sums += torch.stack([loss.detach().double(), n_pairs.double()])
-
-        seen += batch['view1'].shape[0]
-        for name in batch['bad']:
-            print(f'[rank {run["rank"]}] unreadable image skipped: {name}', flush=True)
-        bad += batch['bad']
-        if len(bad) > args.max_bad_fraction * seen and (seen >= 200 or it + 1 == n_steps):
-            raise data.DataError(
-                f'{len(bad)} of {seen} images read so far are unreadable (over --max-bad-fraction '
-                f'{args.max_bad_fraction}), e.g. ' + '; '.join(bad[:5]))
-
-        if (it + 1) % args.print_freq == 0 or it + 1 == n_steps:
-            loss_sum, pairs_sum = sums.tolist()
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(
-                    f'loss is {loss_sum} in epoch {epoch + 1} between steps {checked + 1} and '
-                    f'{it + 1}: stopping. The last good checkpoint (end of epoch {epoch}) in '
-                    f'{args.output_dir} is untouched; try a lower --lr or --no-amp')
-            checked = it + 1
-            if run['rank'] == 0:
-                elapsed = time.time() - start
-                per_step = elapsed / (it + 1)
-                left_epoch = per_step * (n_steps - it - 1)
-                left_run = left_epoch + per_step * n_steps * (run['last_epoch'] - epoch - 1)
-                print(f'epoch {epoch + 1}/{args.epochs} [{it + 1:>{len(str(n_steps))}}/{n_steps}] '
-                      f'loss {loss_sum / (it + 1):.4f} K {k_used} lr {lr:.4g} ema {momentum:.5f} '
-                      f'masks/img {pairs_sum / seen:.1f} {seen * run["world"] / elapsed:.1f} img/s '
-                      f'eta epoch {fmt_time(left_epoch)} run {fmt_time(left_run)}', flush=True)
-
-    stats = torch.cat([sums, torch.tensor([seen, n_steps, len(bad)], dtype=torch.float64,
-                                          device=device)])
-    if run['world'] > 1:
-        dist.all_reduce(stats)
-    elapsed = time.time() - start
-    return step, dict(epoch=epoch + 1, loss=stats[0].item() / stats[3].item(),
-                      k=k if k is not None else 'superpixels', lr=lr, ema_momentum=momentum,
-                      masks_per_image=stats[1].item() / stats[2].item(),
-                      images_per_s=stats[2].item() / elapsed, time_s=round(elapsed, 1),
-                      unreadable_images=int(stats[4].item()))
-
-
-def fmt_time(seconds):
-    return str(datetime.timedelta(seconds=int(seconds)))
-
-
-# ================================ main ================================
-
-def build_dataset(args):
-    cache = None if args.superpixel_cache == 'none' else args.superpixel_cache
-    common = dict(image_size=args.image_size, n_segments=args.superpixels, slic_size=args.slic_size,
-                  slic_compactness=args.slic_compactness, slic_sigma=args.slic_sigma,
-                  slic_input=args.slic_input,
-                  flip_p=args.flip_p, blur=args.blur, cache_dir=cache, seed=args.seed)
-    if args.data == 'synthetic':
-        return data.SyntheticDataset(n_images=args.synthetic_images,
-                                     scene_size=2 * args.image_size, **common)
-    return data.ImageFolderDataset(args.data, **common)
-
-
-def build_loader(dataset, args, rank, world, device):
-    """This rank's shard of a seeded, per-epoch shuffle, in batches of args.batch_size."""
-    sampler = data.EpochSampler(torch.utils.data.DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        collate_fn=data.collate, pin_memory=device.type == 'cuda', drop_last=True,
-        persistent_workers=args.workers > 0)
-    if len(loader) == 0:
-        raise data.DataError(f'{len(dataset)} images are fewer than one batch of '
-                             f'{args.batch_size} x {world} processes')
-    return sampler, loader
-
-
-def run_constants(args, rank, world, device, steps_per_epoch):
-    """What train_one_epoch needs besides the model and data: device, schedule lengths, lr."""
-    return dict(device=device, rank=rank, world=world, total_steps=args.epochs * steps_per_epoch,
-                warmup_steps=int(args.warmup_epochs * steps_per_epoch),
-                base_lr=args.lr * args.batch_size * world / 256, channels_last=device.type == 'cuda',
-                bf16=args.amp and device.type == 'cuda' and torch.cuda.is_bf16_supported(),
-                last_epoch=args.epochs)
-
-
-def main(args):
-    resolve_args(args)
-    ddp, rank, world, device = setup_distributed(args)
-    torch.manual_seed(args.seed)                # the same initial weights on every rank
-    output_dir = Path(args.output_dir)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        print('settings:\n' + '\n'.join(f'  {k}: {v}' for k, v in sorted(vars(args).items())),
-              flush=True)
-
-    # ===== preparing data =====
-    dataset = build_dataset(args)
-    sampler, loader = build_loader(dataset, args, rank, world, device)
-    vis = data.collate([dataset[(0, i)] for i in picture_indices(len(dataset))])
-
-    # ===== building networks and optimizer =====
-    model = build_model(args).to(device)
-    if ddp and device.type == 'cuda':      # SyncBatchNorm needs GPUs; gloo ranks keep plain BN
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    run = run_constants(args, rank, world, device, len(loader))
-    if run['channels_last']:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = LARS(lars_param_groups(model), weight_decay=args.weight_decay)
-
-    # ===== schedules =====
-    steps_per_epoch = len(loader)
-    global_batch = args.batch_size * world
-    if rank == 0:
-        print(f'{len(dataset)} images, {world} process(es) x batch {args.batch_size} = global '
-              f'{global_batch}, {steps_per_epoch} steps/epoch, lr {run["base_lr"]:.4g}'
-              f'{" x K/16" if args.lr_k_scale else ""}, device {device}'
-              f'{", bf16 autocast" if run["bf16"] else ", fp32"}', flush=True)
-
-    # ===== resume =====
-    start_epoch, step = 0, 0
-    ckpt_path = Path(args.resume) if args.resume else output_dir / 'checkpoint.pt'
-    if args.resume and not ckpt_path.is_file():
-        raise data.DataError(f'--resume {ckpt_path}: no such file')
-    if ckpt_path.is_file():
-        start_epoch, step = load_checkpoint(ckpt_path, model, optimizer, args)
-        if rank == 0:
-            print(f'resumed from {ckpt_path} after epoch {start_epoch}', flush=True)
-
-    ddp_model = model
-    if ddp:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
-
-    # ===== training =====
-    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
-    run['last_epoch'] = last_epoch
-    if start_epoch >= args.epochs and rank == 0:
-        print(f'{output_dir} already holds a finished run ({args.epochs} epochs); use another '
-              '--output-dir to train again', flush=True)
-    for epoch in range(start_epoch, last_epoch):
-        sampler.set_epoch(epoch)
-        step, stats = train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run)
-        if ddp:
-            stats['rank_param_max_diff'] = params_in_sync(model, world)
-        if rank == 0:
-            ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                        step=step, args=vars(args))
-            save_atomic(ckpt, output_dir / 'checkpoint.pt')
-            if (epoch + 1) % args.save_every == 0:
-                save_atomic(ckpt, output_dir / f'checkpoint-epoch{epoch + 1:04d}.pt')
-            with open(output_dir / 'log.txt', 'a') as f:
-                f.write(json.dumps(stats) + '\n')
-            print(json.dumps(stats), flush=True)
-        if (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs:
-            k = k_schedule(epoch + 1, args.epochs, args.k_schedule, args.k_max, args.k_min)
-            path = output_dir / f'masks-epoch{epoch + 1:04d}.png' if rank == 0 else None
-            visualize(model, vis, k, args, device, path,
-                      f'epoch {epoch + 1}/{args.epochs}  K={k if k is not None else "superpixels"}')
-
-    if rank == 0 and last_epoch == args.epochs:
-        export_backbone(model, output_dir / 'backbone.pt')
-        print(f'done: {output_dir}/backbone.pt (torchvision {args.arch} state_dict), '
-              f'checkpoint.pt, log.txt, masks-epoch*.png', flush=True)
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

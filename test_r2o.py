@@ -4,7 +4,9 @@ CPU and small (resnet18, 32-64 px images, a few steps). Run: python -m pytest -q
 """
 import ast
 import copy
+import errno
 import functools
+import io
 import json
 import math
 import os
@@ -915,6 +917,116 @@ def test_cluster_batch_clusters_each_group_on_its_own(tmp_path):
         r2o.refine(features, batch['superpixels'], 3, group=3)
     with pytest.raises(data.DataError, match='multiple of --cluster-batch 3'):
         r2o.resolve_args(tiny_args(tmp_path, 'bad', '--cluster-batch', '3'))
+
+
+def test_cluster_groups_loss_and_gradients_are_the_mean_of_the_groups_losses(tmp_path, monkeypatch):
+    """--cluster-batch 4 on a batch of 8: the loss and gradients are those of the mean of the two
+    halves' losses, each half averaged over its own valid pairs (as two GPUs' losses under DDP),
+    with BatchNorm over the whole batch (as SyncBatchNorm over the two GPUs). The halves hold
+    deliberately unequal numbers of pairs."""
+    args, batch = tiny_batch(tmp_path, 'halves', '--image-size', '96', '--cluster-batch', '4')
+    model = small_model()
+    m1, m2, _ = batch_masks(model, batch, 4, args, torch.Generator().manual_seed(0))
+    m1[4:, 1:] = 0                                       # the second half: mask 0 alone
+    valid = r2o.mask_overlap(m1, m2)
+    assert valid[:4].sum() > 2 * valid[4:].sum() > 0
+    reference = copy.deepcopy(model)
+    ours = model(batch['view1'], batch['view2'], m1, m2, groups=2)
+    ours_grads = torch.autograd.grad(ours, [p for p in model.parameters() if p.requires_grad])
+
+    views, masks = torch.cat([batch['view1'], batch['view2']]), torch.cat([m1, m2])
+    def rows(encoder, *mlps):                            # 2B x K x D, the whole batch at once
+        x = resnet_layer4(encoder, views).flatten(2)
+        x = torch.einsum('bkn,bcn->bkc', masks, x) / masks.sum(-1, keepdim=True).clamp(min=1)
+        for m in mlps:
+            x = m(x.flatten(0, 1)).view(*masks.shape[:2], -1)
+        return x.chunk(2)
+    p1, p2 = rows(reference.encoder, reference.projector, reference.predictor)
+    with torch.no_grad():
+        z1, z2 = rows(reference.target_encoder, reference.target_projector)
+    def half_loss(half):
+        v = valid[half].float()
+        l12 = ((2 - 2 * F.cosine_similarity(p1[half], z2[half], dim=-1)) * v).sum() / v.sum()
+        l21 = ((2 - 2 * F.cosine_similarity(p2[half], z1[half], dim=-1)) * v).sum() / v.sum()
+        return (l12 + l21) / 2
+    theirs = (half_loss(slice(0, 4)) + half_loss(slice(4, 8))) / 2
+    their_grads = torch.autograd.grad(theirs, [p for p in reference.parameters() if p.requires_grad])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    for a, b in zip(ours_grads, their_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # and the training step hands the groups to the loss
+    groups = []
+
+    def spy(p1, p2, z1, z2, valid, groups_in_batch=1):
+        groups.append(groups_in_batch)
+        return p1.sum()
+
+    monkeypatch.setattr(r2o, 'mask_loss', spy)
+    run = r2o.run_constants(args, 0, 1, torch.device('cpu'), 1)
+    r2o.step_loss(model, model, batch, 4, torch.Generator().manual_seed(0), run)
+    assert groups == [2]
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after `room` bytes: the write that crosses it raises
+    OSError(ENOSPC) after writing what fits, as a real full disk does."""
+
+    def __init__(self, path, room):
+        super().__init__(path, 'wb')
+        self.room = room
+
+    def write(self, b):
+        b = memoryview(b)
+        fits = max(0, min(len(b), self.room))
+        if fits:
+            super().write(b[:fits])
+            self.room -= fits
+        if fits < len(b):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return fits
+
+
+def test_full_disk_while_saving_is_one_line_that_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    r2o.main(tiny_args(tmp_path, 'full', '--stop-after', '1'))
+    ckpt = tmp_path / 'full' / 'checkpoint.pt'
+    before = ckpt.read_bytes()
+    real_open = open
+
+    def opener(path, mode='r', *args, **kwargs):         # checkpoint files meet a full disk
+        return FullDisk(path, 4096) if str(path).endswith('.pt.tmp') else real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(r2o, 'open', opener, raising=False)
+    with pytest.raises(data.DataError) as failure:
+        r2o.main(tiny_args(tmp_path, 'full'))
+    message = str(failure.value)
+    assert '\n' not in message and 'is full' in message and str(tmp_path / 'full') in message
+    assert f'{ckpt} (after epoch 1) is intact' in message and 'same command' in message
+    assert ckpt.read_bytes() == before                   # the last checkpoint: untouched
+    assert sorted(p.name for p in ckpt.parent.iterdir() if '.tmp' in p.name) == []   # no partial file
+    monkeypatch.undo()
+    r2o.main(tiny_args(tmp_path, 'full'))                # with room again: continues from it
+    assert torch.load(ckpt, weights_only=True)['epoch'] == 2
+
+
+def test_any_non_negative_seed_trains(tmp_path):
+    for seed in ('18447', str(10 ** 20)):
+        r2o.main(tiny_args(tmp_path, f'seed{seed}', '--seed', seed, '--epochs', '1'))
+        assert (tmp_path / f'seed{seed}' / 'backbone.pt').is_file()
+    with pytest.raises(data.DataError, match='--seed must be a non-negative'):
+        r2o.main(tiny_args(tmp_path, 'negative', '--seed', '-1'))
+
+
+def test_deterministic_changes_nothing_on_a_cpu(tmp_path):
+    """--deterministic on a CPU: the same weights as without it (a CPU is deterministic already;
+    k-means keeps index_add_ there)."""
+    runs = {}
+    for name, extra in (('plain', []), ('deterministic', ['--deterministic'])):
+        cmd = training_command(tmp_path / name, tmp_path / 'cache', workers=0) + ['--epochs', '1'] + extra
+        res = subprocess.run(cmd, cwd=HERE, env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = torch.load(tmp_path / name / 'backbone.pt', weights_only=True)
+    assert 'deterministic' in res.stdout
+    assert all(torch.equal(runs['plain'][k], runs['deterministic'][k]) for k in runs['plain'])
 
 
 # ================================ the CUDA path, checked on any machine ================================

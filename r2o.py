@@ -59,6 +59,8 @@ import data
 # The two feature maps R2O uses and their strides (input pixels per cell): the refinement
 # clusters the target encoder's CLUSTER_LAYER, the loss pools POOL_LAYER under the masks.
 # Another backbone is a change to these lines, encoder_features, feature_dim and build_encoder.
+# (The reference's clustering pass runs the target through layer4 too, which only moves that
+# layer's BatchNorm statistics; ours stops at CLUSTER_LAYER.)
 CLUSTER_LAYER = 'layer3'                 # 14 x 14 at 224 px
 POOL_LAYER = 'layer4'                    # 7 x 7 at 224 px
 STRIDE = {'layer3': 16, 'layer4': 32}
@@ -113,9 +115,11 @@ def superpixel_pool(features, superpixels, n_superpixels=None):
     return pooled / area.clamp_min(1e-6)[..., None], area
 
 
-def squared_distances(x, c):
-    """|x_i - c_j|^2 for the rows of x (N x D) and c (M x D): N x M, through one matrix product."""
-    return torch.addmm((c * c).sum(1), x, c.T, alpha=-2).add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
+def squared_distances(x, c, x_sq=None):
+    """|x_i - c_j|^2 for the rows of x (N x D) and c (M x D): N x M, through one matrix product.
+    x_sq: the rows' squared norms, N x 1, when the caller has them already."""
+    x_sq = (x * x).sum(1, keepdim=True) if x_sq is None else x_sq
+    return torch.addmm(x_sq, x, c.T, alpha=-2).add_((c * c).sum(1)).clamp_min_(0)
 
 
 def seeding_rounds(k):
@@ -148,12 +152,13 @@ def kmeans_seeds(x, k, generator=None, weight=None):
     uniform = torch.rand(len(sizes) + 1, n, generator=generator,
                          device=generator.device if generator is not None else x.device)
     race = w / -uniform.to(x.device, non_blocking=True).log()      # w / E: weight 0 never wins
+    x_sq = (x * x).sum(1, keepdim=True)
     picks = race[0].argmax()[None]                                 # the first: uniformly
-    closest = squared_distances(x, x[picks])[:, 0]
+    closest = squared_distances(x, x[picks], x_sq)[:, 0]
     for r, m in enumerate(sizes, 1):
         # + 1e-12: rows equal to a centre keep a tiny chance, so m draws always exist
         new = ((closest + 1e-12) * race[r]).topk(m).indices
-        closest = torch.minimum(closest, squared_distances(x, x[new]).amin(1))
+        closest = torch.minimum(closest, squared_distances(x, x[new], x_sq).amin(1))
         picks = torch.cat([picks, new])
     return x[picks]
 
@@ -177,8 +182,9 @@ def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False):
     w = torch.ones(n, device=x.device) if weight is None else weight.float()
     centroids = kmeans_seeds(x, k, generator, w)
     rows = torch.cat([x * w[:, None], w[:, None]], 1)                  # the rows and their count
+    x_sq = (x * x).sum(1, keepdim=True)
     for _ in range(iters):
-        distance, labels = squared_distances(x, centroids).min(1)
+        distance, labels = squared_distances(x, centroids, x_sq).min(1)
         if deterministic:
             sums = F.one_hot(labels, k).T.float() @ rows
         else:
@@ -186,7 +192,7 @@ def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False):
         count = sums[:, -1:]
         farthest = x[(distance * w).topk(k).indices]
         centroids = torch.where(count > 0, sums[:, :-1] / count.clamp_min(1), farthest)
-    return squared_distances(x, centroids).argmin(1), centroids
+    return squared_distances(x, centroids, x_sq).argmin(1), centroids
 
 
 @torch.no_grad()
@@ -225,9 +231,10 @@ def view_masks(labels, boxes, flips, k, out_size):
     labels: B x M x M ints in [0, k); boxes: B x 4 (x0, y0, x1, y1) normalised to the whole
     image; flips: B bools. Returns B x k x out_size^2; at every cell the k values sum to 1.
     roi_align with an adaptive sampling ratio (the reference's) and aligned=True: each cell holds
-    about the fraction of it each cluster covers (on random boxes the worst cell of a mask is
-    off by 0.03 in the median, 0.18 at most, bench.py); the reference's aligned=False shifts the
-    label map by half a label cell (the median worst cell is then off by 0.30).
+    about the fraction of it each cluster covers (over crop boxes drawn as the loader draws
+    them, the worst cell of a box is off by 0.007 in the median, 0.04 at most: bench.py, part
+    5); the reference's aligned=False shifts the label map by half a label cell (the worst cell
+    is then off by 0.14 in the median).
     """
     B, M, _ = labels.shape
     onehot = F.one_hot(labels, k).permute(0, 3, 1, 2).float()                  # B k M M
@@ -243,12 +250,12 @@ def masks_for_batch(target_encoder, raw, superpixels, boxes, flips, k, iters=30,
                     group=None, n_superpixels=None, cluster=kmeans):
     """Both views' soft masks for a batch, and their number K.
 
-    raw: B x 3 x S x S, the whole images; superpixels: B x M x M ids; boxes: B x 2 x 4 and
+    raw: B x 3 x H x H, the whole images; superpixels: B x M x M ids; boxes: B x 2 x 4 and
     flips: B x 2, each view's crop box and flip. k a number: the refinement (the target
     encoder's CLUSTER_LAYER on the raw view, then refine over each `group` images with
     `cluster`); k == 1: one mask, the whole crop (BYOL); k None: the superpixels themselves
-    (DetCon-style), K = n_superpixels. Returns masks1, masks2 (B x K x g^2, g = S / 32, the
-    final feature map's side) and K.
+    (DetCon-style), K = n_superpixels. Returns masks1, masks2 (B x K x g^2, g = H / 32, the
+    side of the final feature map the views give) and K.
     Uses: encoder_features, refine, view_masks, superpixel_pool, kmeans, kmeans_seeds,
     seeding_rounds, squared_distances, CLUSTER_LAYER, POOL_LAYER, STRIDE.
     """
@@ -355,7 +362,8 @@ def k_schedule(epoch, epochs, kind='cosine', k_max=128, k_min=4):
     """Number of clusters K for `epoch` (counted from 1 to `epochs`), or None for 'none'
     (the superpixels themselves are the masks).
 
-    cosine (R2O's default): int(k_min + (k_max - k_min) * cos(pi/2 * epoch/epochs)), 128 -> 4;
+    cosine (R2O's default): int(k_min + (k_max - k_min) * cos(pi/2 * epoch/epochs)): 127 at
+    epoch 1 of 300, 4 at the last;
     linear: from k_max down to k_min; constant: k_max (k_max=1 is BYOL).
     """
     if kind == 'none':
@@ -370,11 +378,11 @@ def k_schedule(epoch, epochs, kind='cosine', k_max=128, k_min=4):
     raise ValueError(f'unknown K schedule {kind}')
 
 
-def learning_rate(step, total_steps, warmup_steps, base_lr=0.3, batch_size=256, k=None):
-    """The learning rate at `step`: base_lr per 256 images, scaled linearly to the global
-    batch_size, times K/16 when the epoch's K is given (the reference's); a linear warmup from 0
-    over warmup_steps, then a cosine to 0 at total_steps."""
-    peak = base_lr * batch_size / 256 * (k / 16 if k is not None else 1)
+def learning_rate(step, total_steps, warmup_steps, base_lr=0.3, global_batch=256, k=None):
+    """The learning rate at `step`: base_lr per 256 images, scaled linearly to the global batch
+    (all GPUs together), times K/16 when the epoch's K is given (the reference's); a linear
+    warmup from 0 over warmup_steps, then a cosine to 0 at total_steps."""
+    peak = base_lr * global_batch / 256 * (k / 16 if k is not None else 1)
     if step < warmup_steps:
         return peak * step / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -576,8 +584,8 @@ def step_loss(model, ddp_model, batch, k, generator, run):
     with run['autocast']():
         masks1, masks2, _ = masks_for_batch(
             model.target_encoder, batch['raw'], batch['superpixels'], batch['boxes'],
-            batch['flips'], k, run['kmeans_iters'], generator, group, batch['n_superpixels'],
-            run['cluster'])
+            batch['flips'], k, iters=run['kmeans_iters'], generator=generator, group=group,
+            n_superpixels=batch['n_superpixels'], cluster=run['cluster'])
         loss = ddp_model(batch['view1'], batch['view2'], masks1, masks2, B // group)
     return loss, mask_overlap(masks1, masks2).sum()
 

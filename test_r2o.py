@@ -441,9 +441,9 @@ def test_learning_rate_and_momentum_schedules():
     assert r2o.ema_momentum(100, 100) == pytest.approx(1.0)
     assert r2o.ema_momentum(50, 100) == pytest.approx(0.995)
     # batch scaling and the K/16 factor, in the one function
-    assert r2o.learning_rate(10, 100, 10, 0.3, batch_size=4096) == pytest.approx(4.8)
-    assert r2o.learning_rate(10, 100, 10, 0.3, batch_size=512, k=32) == pytest.approx(1.2)
-    assert r2o.learning_rate(5, 100, 10, 0.3, batch_size=512, k=8) == pytest.approx(0.15)
+    assert r2o.learning_rate(10, 100, 10, 0.3, global_batch=4096) == pytest.approx(4.8)
+    assert r2o.learning_rate(10, 100, 10, 0.3, global_batch=512, k=32) == pytest.approx(1.2)
+    assert r2o.learning_rate(5, 100, 10, 0.3, global_batch=512, k=8) == pytest.approx(0.15)
 
 
 def test_ema_keeps_the_papers_horizon_in_images_at_any_global_batch():

@@ -1425,7 +1425,7 @@ def tgz_with(path, *members):
     (('hard', 'hardlink', '../evil.txt'), 'a link pointing outside'),
     (('up/evil.txt', 'file', None), 'a path through a link'),
 ])
-def test_tar_members_escaping_the_folder_are_refused_before_anything_is_written(
+def test_download_refuses_tar_members_escaping_the_folder_before_writing_anything(
         tmp_path, member, problem):
     extra = [('up', 'symlink', '.')] if problem == 'a path through a link' else []
     archive = tgz_with(tmp_path / 'bad.tgz', *extra, member)

@@ -454,8 +454,8 @@ def refuse_unsafe_members(members, archive):
     if problems:
         name, problem = problems[0]
         more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
-        raise data.DataError(f'{archive}: refused, member {name!r} has {problem}{more}: an archive '
-                             'that writes outside its folder; nothing was unpacked')
+        raise data.DataError(f'{archive}: refused, member {name!r} has {problem}{more}: unsafe '
+                             'to unpack; nothing was unpacked')
 
 
 def file_digest(path, algorithm):
@@ -546,8 +546,8 @@ def fetch_cub(root):
     Only what is missing is fetched (nothing when find_cub already finds it). An archive already in
     root is used rather than downloaded. Each archive is checked (check_archive) before either is
     unpacked, and unpacked all or nothing (safe_extract). The archives this run downloaded are
-    removed afterwards, and on any failure, as is root itself when this run made it; so a failed
-    run leaves root as it found it, except a .part that lets the next run resume a download."""
+    removed afterwards, and on any failure, as is root itself when this run made it; so a run that
+    fails before unpacking leaves root as it found it, but for a .part to resume a download."""
     root = Path(root)
     try:
         found = find_cub(root)

@@ -17,14 +17,23 @@ Built-in set (no download: generated single-object scenes with masks, seconds on
     python eval_cub.py runs/synthetic-cosine/checkpoint.pt
     python eval_cub.py --random-init          # the untrained encoder, same protocol
     python eval_cub.py --colour-baseline      # no network: superpixels clustered by mean Lab colour
+From nothing to the paper's figure (downloads CUB into datasets/ and the authors' weights into
+torch's hub cache, once each; FILE: a file name shown on https://huggingface.co/KonstantinosKK/r2o):
+    python eval_cub.py https://huggingface.co/KonstantinosKK/r2o/resolve/main/FILE \
+        --data datasets --download
 CUB-200-2011 (the official 5,794-image test split; GPU when present):
     python eval_cub.py backbone.pt --data /path/to/CUB_200_2011 --save-vis vis/
     python eval_cub.py --colour-baseline --data /path/to/CUB_200_2011
     python eval_cub.py --random-init --arch resnet50 --data /path/to/CUB_200_2011
 The CUB folder is CUB_200_2011/ from CUB_200_2011.tgz (images.txt, train_test_split.txt,
 images/) with segmentations/ from the separate segmentations.tgz unpacked inside it or beside it.
+--data PATH --download makes PATH/CUB_200_2011/ with segmentations/ inside when PATH lacks it
+(checked archives, all-or-nothing unpacking; see fetch_cub); without --download, a missing CUB
+is one line giving the command with --download.
 
-Weights: the layout is recognised from the file's keys, no flag needed (see load_encoder).
+Weights: a file, or a URL (https://, http://, file://) downloaded once into torch's hub cache
+(torch.hub.get_dir()/checkpoints/) and read like a file. The layout is recognised from the file's
+keys, no flag needed (see load_encoder).
     ours: a training checkpoint.pt (online encoder; --encoder target for the EMA one) or backbone.pt
     the R2O authors' training checkpoint (DDP 'module.online_network.encoder.*' keys):
         python eval_cub.py r2o_checkpoint.pth --data /path/to/CUB_200_2011
@@ -39,18 +48,30 @@ Weights: the layout is recognised from the file's keys, no flag needed (see load
     and stride in the 3x3 conv, STRIDE_IN_1X1: False, as the authors' detectron2 config has it;
     detectron2's own MSRA ResNets load too but are a different network)
 A .pkl is read with an unpickler that builds numpy arrays and plain containers only, and torch's
-files with torch.load(weights_only=True), so a weights file cannot run code here.
+files with torch.load(weights_only=True), so a weights file cannot run code here, whether it
+comes from disk or from a URL.
 """
 import argparse
+import gzip
+import hashlib
+import http.client
 import importlib
 import json
 import os
 import pickle
+import posixpath
 import re
+import shlex
+import shutil
 import sys
+import tarfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +101,9 @@ def get_args_parser(add_help=True):
                                 formatter_class=r2o.HelpFormatter)
     g = p.add_argument_group('what to evaluate (one of)')
     g.add_argument('checkpoint', nargs='?', default=None,
-                   help="weights, the layout recognised from the keys: our training checkpoint.pt or "
+                   help="weights, a file or a URL (https://, http://, file://: downloaded once into "
+                        "torch's hub cache, TORCH_HOME/hub/checkpoints/), the layout recognised "
+                        "from the keys: our training checkpoint.pt or "
                         "backbone.pt; the R2O authors' training checkpoint (r2o_checkpoint.pth, "
                         "'module.online_network.encoder.*'); a torchvision ResNet state_dict "
                         "(prefixes module./encoder./backbone. and a classifier's fc.* are fine); "
@@ -102,6 +125,14 @@ def get_args_parser(add_help=True):
     g.add_argument('--data', default='builtin',
                    help='"builtin" (generated single-object scenes with masks) or the CUB_200_2011 '
                         'folder (or the folder holding it)')
+    g.add_argument('--download', action='store_true',
+                   help='when --data does not hold CUB-200-2011 yet, download it there from '
+                        'Caltech (CUB_200_2011.tgz, about 1.1 GB, and segmentations.tgz), check '
+                        'both archives and unpack them: --data PATH then holds '
+                        'PATH/CUB_200_2011/ with segmentations/ inside, found without --download '
+                        'afterwards. An interrupted download resumes; the archives are removed once '
+                        f'unpacked. Mirror: set {CUB_MIRROR_VARIABLE} to a URL or folder holding '
+                        'both files')
     g.add_argument('--split', default='test',
                    help='CUB images: test (the official 5,794), train, all, or a file: one image id '
                         'per line (as in images.txt), or two columns "<id> <flag>" as in CUB\'s '
@@ -159,6 +190,8 @@ def resolve_args(args):
                              + (f' (got {" and ".join(chosen)})' if chosen else ''))
     if args.encoder is not None and args.checkpoint is None:
         raise data.DataError('--encoder applies to a training checkpoint only')
+    if args.download and args.data == 'builtin':
+        raise data.DataError('--download needs --data PATH: the folder to put CUB-200-2011 in')
     preset = BUILTIN if args.data == 'builtin' else CUB
     for key in ('input_size', *SLIC_KEYS):
         if getattr(args, key) is None:
@@ -264,6 +297,317 @@ def load_mask(path, threshold=128):
     """A CUB mask (soft, 0-255; sometimes saved with colour channels) as H x W bools."""
     with Image.open(path) as m:
         return np.asarray(m.convert('L')) >= threshold
+
+
+# ================================ downloads: CUB-200-2011, weights by URL ================================
+
+# The two archives --download fetches, in the order it fetches them (the small one first, so a
+# failure costs little). Nothing here could be checked against the real files where this was
+# written (no network): size, md5 and sha256 stay None until someone fills them in from the files
+# themselves (Caltech's record pages publish md5s). Until then an archive is accepted when it is a
+# complete, readable gzip tar that holds `members` (a name ending in / is a folder: any member
+# under it counts). `into`: unpacked into the folder that holds CUB_200_2011/ ('root') or into
+# CUB_200_2011/ itself ('cub'). A mirror replaces the URLs' folder: the environment variable
+# R2O_CUB_MIRROR, a URL or a local folder holding both files under these names.
+CUB_ARCHIVES = {
+    'segmentations': dict(
+        url='https://data.caltech.edu/records/w9d68-gec53/files/segmentations.tgz',
+        file='segmentations.tgz', size=None, md5=None, sha256=None,
+        members=('segmentations/',), into='cub'),
+    'images': dict(
+        url='https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz',
+        file='CUB_200_2011.tgz', size=None, md5=None, sha256=None,     # about 1.1 GB
+        members=('CUB_200_2011/images.txt', 'CUB_200_2011/train_test_split.txt',
+                 'CUB_200_2011/images/'), into='root'),
+}
+CUB_MIRROR_VARIABLE = 'R2O_CUB_MIRROR'
+# what find_cub needs in the CUB_200_2011 folder, besides segmentations/ inside or beside it
+CUB_FILES = ('images.txt', 'train_test_split.txt', 'images')
+
+
+def is_url(text):
+    """Whether a weights argument is an address to download (http, https, file) rather than a path."""
+    return re.match(r'(https?|file)://', str(text), re.IGNORECASE) is not None
+
+
+def one_line(error):
+    """An exception's message on one line, for a DataError."""
+    return ' '.join(str(getattr(error, 'reason', None) or error).split()) or type(error).__name__
+
+
+def show_progress(done, total, last=False):
+    """One progress line: MB so far, of the total with a percentage when the server gave one.
+    On a terminal the line is rewritten in place; in a log each one is a line of its own."""
+    text = f'  {done / 1e6:,.1f} MB' + (f' of {total / 1e6:,.1f} MB ({100 * done / total:.0f}%)'
+                                        if total else '')
+    print(text, end='\n' if last or not sys.stdout.isatty() else '\r', flush=True)
+
+
+def resumed_at(response, have):
+    """Where the body of `response` starts in the file: `have` when the server answered the Range
+    request with the rest (206 Partial Content from byte `have`), else 0 (it sent the whole file)."""
+    match = re.match(r'bytes (\d+)-', response.headers.get('Content-Range', ''))
+    return have if have and response.status == 206 and match and int(match[1]) == have else 0
+
+
+def download(url, path, resume=True):
+    """Fetch `url` into `path` with a progress line. Returns path.
+
+    The bytes go to path.part, renamed to path only when complete, so path is never half a file.
+    resume=True: a .part left by an interrupted run is continued where the server honours a Range
+    request and restarted otherwise, and an interrupted transfer keeps its .part for the next run.
+    resume=False: a failed transfer leaves nothing behind. A transfer that ends before the length
+    the server announced, an HTTP error or no network is one DataError."""
+    path = Path(path)
+    part = path.with_name(path.name + '.part')
+    have = part.stat().st_size if resume and part.is_file() else 0
+    headers = {'User-Agent': 'r2o-eval_cub', **({'Range': f'bytes={have}-'} if have else {})}
+    print(f'downloading {url}\n  to {path}', flush=True)
+    complete = False
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=60) as response:
+            done = resumed_at(response, have)
+            length = response.headers.get('Content-Length', '')
+            total = done + int(length) if length.isdigit() else None
+            if done:
+                print(f'  resuming {part} at {done / 1e6:,.1f} MB', flush=True)
+            with open(part, 'ab' if done else 'wb') as f:
+                shown = time.time()
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if time.time() - shown > 2:
+                        show_progress(done, total)
+                        shown = time.time()
+            show_progress(done, total, last=True)
+        if total is not None and done != total:
+            raise data.DataError(
+                f'{url}: the download stopped at {done:,} of {total:,} bytes: run the same '
+                'command again to ' + (f'resume it ({part} is kept)' if resume else 'retry'))
+        part.replace(path)
+        complete = True
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:           # the .part is not a prefix the server can continue
+            part.unlink()
+            return download(url, path, resume)
+        raise data.DataError(f'{url}: download failed (HTTP {e.code} {one_line(e)}): check the '
+                             'address') from None
+    except (OSError, http.client.HTTPException) as e:     # URLError (no network) is an OSError
+        kept = resume and part.is_file() and part.stat().st_size > 0
+        raise data.DataError(f'{url}: download failed ({one_line(e)}): check the address and the '
+                             'connection' + (f', then run the same command again to resume '
+                                             f'({part} is kept)' if kept else '')) from None
+    finally:
+        if not complete and not resume:
+            part.unlink(missing_ok=True)
+    return path
+
+
+def cached_weights(url):
+    """The local copy of the weights at `url`, downloaded the first time only.
+
+    Kept where torch.hub keeps downloaded weights, torch.hub.get_dir()/checkpoints/, under the
+    file name the URL ends with (so a file torch.hub already fetched is reused). Read it with
+    read_weights_file like any file: where it came from changes nothing about what it may hold."""
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    if not name:
+        raise data.DataError(f'{url}: the address does not end with a file name')
+    path = Path(torch.hub.get_dir()) / 'checkpoints' / name
+    if path.is_file():
+        print(f'weights: {url}\n  already downloaded: {path}', flush=True)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return download(url, path, resume=False)
+
+
+def member_problems(members):
+    """(name, problem) for each tar member that must not be unpacked, before anything is: an
+    absolute path, a '..' component, a link pointing outside the archive's folder or to an
+    absolute path, a path through a link, a device file (tar path traversal)."""
+    links = {posixpath.normpath(m.name) for m in members if m.issym()}
+    problems = []
+    for m in members:
+        name = m.name.replace('\\', '/')
+        parts = name.split('/')
+        if name.startswith('/') or re.match(r'[A-Za-z]:', name):
+            problems.append((m.name, 'an absolute path'))
+        elif '..' in parts:
+            problems.append((m.name, "'..' in its path"))
+        elif any('/'.join(parts[:i]) in links for i in range(1, len(parts))):
+            problems.append((m.name, 'a path through a link'))     # the link may lead anywhere
+        elif m.issym() or m.islnk():
+            target = m.linkname.replace('\\', '/')
+            # a symbolic link is relative to its folder, a hard link to the archive's top
+            base = posixpath.dirname(name) if m.issym() else ''
+            if target.startswith('/') or re.match(r'[A-Za-z]:', target):
+                problems.append((m.name, f'a link to an absolute path ({target})'))
+            elif posixpath.normpath(posixpath.join(base, target)).split('/')[0] == '..':
+                problems.append((m.name, f'a link pointing outside ({target})'))
+        elif m.isdev():
+            problems.append((m.name, 'a device file'))
+    return problems
+
+
+def refuse_unsafe_members(members, archive):
+    """A DataError naming the first member of `archive` that member_problems finds, if any."""
+    problems = member_problems(members)
+    if problems:
+        name, problem = problems[0]
+        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+        raise data.DataError(f'{archive}: refused, member {name!r} has {problem}{more}: unsafe '
+                             'to unpack; nothing was unpacked')
+
+
+def file_digest(path, algorithm):
+    """The hex digest of a file (hashlib's md5, sha256, ...), read in chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_archive(path, facts):
+    """Refuse an archive that is not the expected one, before anything is unpacked. One DataError
+    naming the file, else None.
+
+    facts: an entry of CUB_ARCHIVES. Its size and checksums where known; then the whole gzip
+    stream is read (a truncated or damaged file fails here: gzip checks its CRC at the end), every
+    member must be safe (member_problems) and every expected member present."""
+    path = Path(path)
+    size = path.stat().st_size
+    if facts.get('size') is not None and size != facts['size']:
+        raise data.DataError(f'{path}: {size:,} bytes, expected {facts["size"]:,}: damaged or '
+                             'not the expected file')
+    for algorithm in ('md5', 'sha256'):
+        if facts.get(algorithm) and file_digest(path, algorithm) != facts[algorithm].lower():
+            raise data.DataError(f'{path}: wrong {algorithm} checksum: damaged or not the expected '
+                                 'file')
+    try:
+        with gzip.open(path) as stream, tarfile.open(fileobj=stream, mode='r|') as tar:
+            members = list(tar)
+            while stream.read(1 << 20):   # to the end of the gzip stream, where its CRC is checked
+                pass
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
+        raise data.DataError(f'{path}: damaged, not a complete .tgz archive '
+                             f'({one_line(e)})') from None
+    refuse_unsafe_members(members, path)
+    names = {posixpath.normpath(m.name) for m in members}
+    missing = [want for want in facts['members'] if not (
+        want.rstrip('/') in names or want.endswith('/') and any(n.startswith(want) for n in names))]
+    if missing:
+        raise data.DataError(f'{path}: not the expected archive, it lacks {", ".join(missing)}')
+
+
+def safe_extract(archive, dest):
+    """Unpack a .tgz into the folder `dest`, all or nothing.
+
+    Every member is checked (member_problems) before anything is written; the archive is unpacked
+    into a temporary folder inside dest (a killed run's one is removed first) and each top-level
+    entry is then renamed into dest, so dest never holds half an entry. An entry dest already has
+    is kept, not replaced. Returns the names of the entries added."""
+    archive, dest = Path(archive), Path(dest)
+    temporary = dest / f'.{archive.name}.unpacking'
+    shutil.rmtree(temporary, ignore_errors=True)
+    added = []
+    try:
+        with tarfile.open(archive, 'r:gz') as tar:
+            members = tar.getmembers()
+            refuse_unsafe_members(members, archive)
+            temporary.mkdir(parents=True)
+            # Python's own check of each member as it is written, where this Python has it
+            tar.extractall(temporary, members,
+                           **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+        for entry in sorted(temporary.iterdir()):
+            if not (dest / entry.name).exists():
+                entry.rename(dest / entry.name)
+                added.append(entry.name)
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
+        raise data.DataError(f'{archive}: could not unpack it into {dest} ({one_line(e)})') from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return added
+
+
+def archive_url(facts):
+    """Where to fetch an archive from: its URL, or the same file name in R2O_CUB_MIRROR (a URL or
+    a local folder) when that is set."""
+    mirror = os.environ.get(CUB_MIRROR_VARIABLE)
+    if not mirror:
+        return facts['url']
+    base = mirror if '://' in mirror else Path(mirror).resolve().as_uri()
+    return base.rstrip('/') + '/' + facts['file']
+
+
+def fetch_cub(root):
+    """Make the folder `root` hold CUB-200-2011 as find_cub reads it: root/CUB_200_2011/ with
+    segmentations/ inside, from CUB_ARCHIVES. Returns find_cub(root).
+
+    Only what is missing is fetched (nothing when find_cub already finds it). An archive already in
+    root is used rather than downloaded. Each archive is checked (check_archive) before either is
+    unpacked, and unpacked all or nothing (safe_extract). The archives this run downloaded are
+    removed afterwards, and on any failure, as is root itself when this run made it; so a run that
+    fails before unpacking leaves root as it found it, but for a .part to resume a download."""
+    root = Path(root)
+    try:
+        found = find_cub(root)
+        print(f'CUB-200-2011 found in {found[0]}: nothing to download', flush=True)
+        return found
+    except data.DataError:
+        pass
+    if root.exists() and not root.is_dir():
+        raise data.DataError(f'--data {root}: not a folder')
+    cub = root / 'CUB_200_2011'
+    if not cub.is_dir() and any((root / name).exists() for name in CUB_FILES):
+        cub = root                       # root is a CUB_200_2011 folder itself
+    has_images = all((cub / name).exists() for name in CUB_FILES)
+    if cub.exists() and not has_images:
+        raise data.DataError(f'{cub} exists but lacks ' + ', '.join(
+            n for n in CUB_FILES if not (cub / n).exists()) + ': move it away (or complete it) and '
+            'run again; --download does not write into a CUB folder it did not make')
+    missing = dict(images=not has_images,
+                   segmentations=not any((p / 'segmentations').is_dir() for p in (cub, cub.parent)))
+    wanted = [role for role in CUB_ARCHIVES if missing[role]]
+    made_root, downloaded = not root.exists(), []
+    try:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise data.DataError(f'--data {root}: cannot make the folder ({one_line(e)})') from None
+        archives = {}
+        for role in wanted:
+            facts = CUB_ARCHIVES[role]
+            path = root / facts['file']
+            if path.is_file():
+                print(f'using {path} (already there)', flush=True)
+            else:
+                download(archive_url(facts), path)
+                downloaded.append(path)
+            print(f'checking {path}', flush=True)
+            try:
+                check_archive(path, facts)
+            except data.DataError as e:
+                raise data.DataError(f'{e}; ' + ('it was removed: run the same command again to '
+                                     'download it afresh' if path in downloaded else
+                                     'it was there before this run and is left as it is: delete '
+                                     'or replace it and run again')) from None
+            archives[role] = path
+        for role in sorted(archives, key=lambda r: CUB_ARCHIVES[r]['into'] != 'root'):
+            dest = root if CUB_ARCHIVES[role]['into'] == 'root' else cub
+            print(f'unpacking {archives[role]} into {dest}', flush=True)
+            safe_extract(archives[role], dest)
+    finally:
+        for path in downloaded:
+            path.unlink(missing_ok=True)
+        if made_root:
+            try:
+                root.rmdir()              # only when empty: a failed run made it, or a .part is kept
+            except OSError:
+                pass
+    found = find_cub(root)
+    print(f'CUB-200-2011 is ready in {found[0]}', flush=True)
+    return found
 
 
 # ================================ evaluation sets ================================
@@ -733,9 +1077,28 @@ def build_set(args):
         images=len(items), mask_threshold=args.mask_threshold)
 
 
+def download_command(args):
+    """The command that downloads CUB into --data and runs this evaluation: this run's own command
+    line with --download added (its essentials when main() was called from Python)."""
+    if Path(sys.argv[0]).name == Path(__file__).name:
+        argv = [sys.argv[0], *sys.argv[1:]]
+    else:
+        what = args.checkpoint or ('--random-init' if args.random_init else '--colour-baseline')
+        argv = ['eval_cub.py', what, '--data', str(args.data)]
+    return shlex.join(['python', *argv, '--download'])
+
+
 def main(args):
     resolve_args(args)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+    # ===== data on disk: a missing CUB is reported before any weights are downloaded =====
+    if args.data != 'builtin' and not args.download:
+        try:
+            find_cub(args.data)
+        except data.DataError as e:
+            raise data.DataError(f'{e}; to download CUB-200-2011 there (about 1.1 GB), run: '
+                                 f'{download_command(args)}') from None
 
     # ===== encoder =====
     if args.colour_baseline:
@@ -745,9 +1108,16 @@ def main(args):
         net = r2o.build_encoder(args.arch).eval()
         encoder_info = dict(kind='random-init', arch=args.arch, seed=args.seed)
     else:
-        net, encoder_info = load_encoder(args.checkpoint, args.arch, args.encoder)
+        # a URL is fetched into torch's hub cache once, then read like any file
+        url = args.checkpoint if is_url(args.checkpoint) else None
+        net, encoder_info = load_encoder(cached_weights(url) if url else args.checkpoint,
+                                         args.arch, args.encoder)
+        if url:
+            encoder_info['url'] = url
     if net is not None:
         net = net.to(device)
+    if args.download:                    # after the weights: a bad address fails before 1.1 GB
+        fetch_cub(args.data)
 
     # ===== data =====
     dataset, data_info = build_set(args)

@@ -13,10 +13,13 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import traceback
+import urllib.request
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -1705,6 +1708,224 @@ def test_load_refuses_a_pickle_carrying_code_before_it_runs(tmp_path):
     out = run_cli('eval_cub.py', tmp_path / 'model_final.pkl', '--limit', '1')
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert 'was not loaded' in out.stderr
+    assert not marker.exists()
+
+
+# ================================ eval_cub.py --download: CUB and weights by URL ================================
+
+def make_cub_archives(folder, escaping=False):
+    """make_cub's tiny CUB as Caltech's two archives, in `folder`: CUB_200_2011.tgz
+    (CUB_200_2011/ beside attributes.txt) and segmentations.tgz (segmentations/). escaping: the
+    CUB archive ends with a member '../evil.txt' (a tar path traversal). Returns folder."""
+    source = folder / 'source'
+    make_cub(source, segmentations_beside=True)
+    (source / 'attributes.txt').write_text('1 has_bill_shape::curved\n')
+    with tarfile.open(folder / 'CUB_200_2011.tgz', 'w:gz') as tar:
+        tar.add(source / 'CUB_200_2011', 'CUB_200_2011')
+        tar.add(source / 'attributes.txt', 'attributes.txt')
+        if escaping:
+            evil = tarfile.TarInfo('../evil.txt')
+            evil.size = 5
+            tar.addfile(evil, io.BytesIO(b'pwned'))
+    with tarfile.open(folder / 'segmentations.tgz', 'w:gz') as tar:
+        tar.add(source / 'segmentations', 'segmentations')
+    shutil.rmtree(source)
+    return folder
+
+
+def listing(folder):
+    """Every path under `folder` (itself included) with the size of each file, to compare a folder
+    before and after a run; [] when it does not exist."""
+    paths = [folder, *folder.rglob('*')] if folder.exists() else []
+    return sorted((str(p.relative_to(folder.parent)), p.stat().st_size if p.is_file() else None)
+                  for p in paths)
+
+
+def count_downloads(monkeypatch):
+    """A list that eval_cub.download appends each URL it is asked for to."""
+    urls, real = [], eval_cub.download
+    monkeypatch.setattr(eval_cub, 'download',
+                        lambda url, path, **kw: urls.append(url) or real(url, path, **kw))
+    return urls
+
+
+def test_download_fetches_checks_unpacks_and_evaluates_then_never_again(tmp_path, monkeypatch):
+    mirror = make_cub_archives(tmp_path / 'mirror')
+    monkeypatch.delenv(eval_cub.CUB_MIRROR_VARIABLE, raising=False)
+    for facts in eval_cub.CUB_ARCHIVES.values():
+        monkeypatch.setitem(facts, 'url', (mirror / facts['file']).as_uri())
+    urls = count_downloads(monkeypatch)
+    root = tmp_path / 'datasets'
+    root.mkdir()
+    (root / 'CUB_200_2011.tgz.part').write_bytes(b'left by a killed run')   # restarted, not kept
+    argv = ('--random-init', '--arch', 'resnet18', '--input-size', 64, '--data', root,
+            '--out', tmp_path / 'r.json')
+    first = run_eval(*argv, '--download')
+    assert sorted(urls) == sorted(f['url'] for f in eval_cub.CUB_ARCHIVES.values())
+    assert first['n_images'] == 2 and first['data']['set'] == 'CUB-200-2011'
+    # PATH/CUB_200_2011/ with segmentations/ inside; archives, .part and temporary folders gone
+    assert sorted(os.listdir(root)) == ['CUB_200_2011', 'attributes.txt']
+    assert sorted(os.listdir(root / 'CUB_200_2011')) == ['images', 'images.txt', 'segmentations',
+                                                         'train_test_split.txt']
+    again = run_eval(*argv, '--download')
+    assert len(urls) == 2                                   # found: nothing downloaded again
+    without = run_eval(*argv)                               # and found without --download
+    assert first['metrics'] == again['metrics'] == without['metrics']
+
+
+@pytest.mark.parametrize('fault', ['damaged', 'truncated', 'escaping'])
+def test_download_refuses_a_bad_archive_in_one_line_leaving_the_folder_as_it_was(tmp_path, fault):
+    mirror = make_cub_archives(tmp_path / 'mirror', escaping=fault == 'escaping')
+    if fault == 'damaged':                                  # bytes flipped in the middle
+        path = mirror / 'segmentations.tgz'
+        raw = bytearray(path.read_bytes())
+        middle = len(raw) // 2
+        raw[middle:middle + 8] = bytes(b ^ 0xFF for b in raw[middle:middle + 8])
+        path.write_bytes(raw)
+    if fault == 'truncated':                                # the transfer ended early
+        path = mirror / 'CUB_200_2011.tgz'
+        path.write_bytes(path.read_bytes()[:path.stat().st_size * 2 // 3])
+    root = tmp_path / 'datasets'
+    if fault != 'truncated':                          # a folder that exists; or one that does not
+        root.mkdir()
+        (root / 'notes.txt').write_text('mine')
+    before = listing(root)
+    out = run_cli('eval_cub.py', '--colour-baseline', '--data', root, '--download',
+                  env={**cli_env(), eval_cub.CUB_MIRROR_VARIABLE: mirror.as_uri()})
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith('error: ')
+    bad = 'segmentations.tgz' if fault == 'damaged' else 'CUB_200_2011.tgz'
+    assert bad in out.stderr
+    expected = dict(damaged='damaged', truncated='damaged',
+                    escaping="refused, member '../evil.txt' has '..' in its path")[fault]
+    assert expected in out.stderr
+    assert listing(root) == before
+    assert not (tmp_path / 'evil.txt').exists()
+
+
+def tgz_with(path, *members):
+    """A .tgz of 'good.txt' followed by `members`: (name, kind, link target) with kind 'file',
+    'symlink' or 'hardlink'."""
+    with tarfile.open(path, 'w:gz') as tar:
+        for name, kind, target in (('good.txt', 'file', None), *members):
+            info = tarfile.TarInfo(name)
+            info.type = dict(file=tarfile.REGTYPE, symlink=tarfile.SYMTYPE,
+                             hardlink=tarfile.LNKTYPE)[kind]
+            info.linkname = target or ''
+            body = b'data' if kind == 'file' else b''
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return path
+
+
+@pytest.mark.parametrize('member, problem', [
+    (('/tmp/evil.txt', 'file', None), 'an absolute path'),
+    (('../evil.txt', 'file', None), "'..' in its path"),
+    (('a/../../evil.txt', 'file', None), "'..' in its path"),
+    (('link', 'symlink', '/etc/passwd'), 'a link to an absolute path'),
+    (('a/link', 'symlink', '../../evil.txt'), 'a link pointing outside'),
+    (('hard', 'hardlink', '../evil.txt'), 'a link pointing outside'),
+    (('up/evil.txt', 'file', None), 'a path through a link'),
+])
+def test_download_refuses_tar_members_escaping_the_folder_before_writing_anything(
+        tmp_path, member, problem):
+    extra = [('up', 'symlink', '.')] if problem == 'a path through a link' else []
+    archive = tgz_with(tmp_path / 'bad.tgz', *extra, member)
+    dest = tmp_path / 'dest'
+    dest.mkdir()
+    facts = dict(members=('good.txt',))
+    for step in (lambda: eval_cub.check_archive(archive, facts),
+                 lambda: eval_cub.safe_extract(archive, dest)):
+        with pytest.raises(data.DataError, match=f'refused, member {member[0]!r} has {problem}'):
+            step()
+    assert os.listdir(dest) == []                         # not even good.txt, which came first
+    # a link that stays inside is fine
+    archive = tgz_with(tmp_path / 'ok.tgz', ('a/link', 'symlink', '../good.txt'))
+    eval_cub.check_archive(archive, facts)
+    assert eval_cub.safe_extract(archive, dest) == ['a', 'good.txt']
+    assert (dest / 'a' / 'link').read_bytes() == b'data'
+
+
+def test_a_missing_cub_without_download_is_one_line_giving_the_command(tmp_path):
+    absent = tmp_path / 'datasets'
+    out = run_cli('eval_cub.py', '--colour-baseline', '--data', absent)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert f'run: python eval_cub.py --colour-baseline --data {absent} --download' in out.stderr
+    assert not absent.exists()
+    cub = make_cub(tmp_path)                              # a CUB without segmentations/
+    shutil.rmtree(cub / 'segmentations')
+    with pytest.raises(data.DataError, match='missing: segmentations') as e:
+        run_eval('--colour-baseline', '--data', tmp_path)
+    assert f'run: python eval_cub.py --colour-baseline --data {tmp_path} --download' in str(e.value)
+
+
+class FakeResponse(io.BytesIO):
+    """What urllib.request.urlopen answers: a body, a status and headers."""
+
+    def __init__(self, body, status=200, headers=None):
+        super().__init__(body)
+        self.status, self.headers = status, headers or {}
+
+
+def test_an_interrupted_download_resumes_and_a_truncated_one_is_never_kept(tmp_path, monkeypatch):
+    payload = bytes(range(256)) * 40
+    ranges = []
+
+    def urlopen(request, timeout=None):
+        """The first answer ends after 3000 bytes though it announces them all; later ones send
+        the rest of a Range request (206)."""
+        ranges.append(request.get_header('Range'))
+        if len(ranges) == 1:
+            return FakeResponse(payload[:3000], headers={'Content-Length': str(len(payload))})
+        start = int(re.fullmatch(r'bytes=(\d+)-', ranges[-1])[1])
+        return FakeResponse(payload[start:], 206, {
+            'Content-Length': str(len(payload) - start),
+            'Content-Range': f'bytes {start}-{len(payload) - 1}/{len(payload)}'})
+
+    monkeypatch.setattr(urllib.request, 'urlopen', urlopen)
+    url, target = 'https://example.org/CUB_200_2011.tgz', tmp_path / 'CUB_200_2011.tgz'
+    with pytest.raises(data.DataError, match='stopped at 3,000 of 10,240 bytes') as e:
+        eval_cub.download(url, target)
+    assert 'resume' in str(e.value) and '\n' not in str(e.value)
+    assert os.listdir(tmp_path) == ['CUB_200_2011.tgz.part']
+    eval_cub.download(url, target)
+    assert ranges == [None, 'bytes=3000-']
+    assert target.read_bytes() == payload and os.listdir(tmp_path) == ['CUB_200_2011.tgz']
+    # weights (resume=False): a truncated transfer leaves nothing in the cache
+    ranges.clear()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    with pytest.raises(data.DataError, match='stopped at 3,000'):
+        eval_cub.cached_weights('https://example.org/r2o_resnet50.pth')
+    assert os.listdir(tmp_path / 'torch' / 'hub' / 'checkpoints') == []
+
+
+def test_weights_by_url_are_downloaded_once_into_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    fake_checkpoint(tmp_path / 'checkpoint.pt')
+    url = (tmp_path / 'checkpoint.pt').as_uri()
+    urls = count_downloads(monkeypatch)
+    for _ in range(2):
+        results = run_eval(url, '--limit', 1, '--input-size', 64, '--out', tmp_path / 'r.json')
+    assert urls == [url]
+    cached = tmp_path / 'torch' / 'hub' / 'checkpoints' / 'checkpoint.pt'
+    assert os.listdir(cached.parent) == ['checkpoint.pt']
+    assert cached.read_bytes() == (tmp_path / 'checkpoint.pt').read_bytes()
+    assert results['encoder']['url'] == url and results['encoder']['path'] == str(cached)
+    assert results['encoder']['kind'] == 'checkpoint' and results['n_images'] == 1
+
+
+def test_weights_by_url_failures_and_code_are_one_line(tmp_path):
+    env = {**cli_env(), 'TORCH_HOME': str(tmp_path / 'torch')}
+    checkpoints = tmp_path / 'torch' / 'hub' / 'checkpoints'
+    out = run_cli('eval_cub.py', (tmp_path / 'absent.pth').as_uri(), '--limit', '1', env=env)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert 'absent.pth: download failed' in out.stderr
+    assert os.listdir(checkpoints) == []                  # nothing half-written in the cache
+    marker = tmp_path / 'marker'
+    torch.save({'model': {'stem.conv1.weight': RunsAShellCommand(marker)}}, tmp_path / 'code.pth')
+    out = run_cli('eval_cub.py', (tmp_path / 'code.pth').as_uri(), '--limit', '1', env=env)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert 'carries code or objects other than weights' in out.stderr
     assert not marker.exists()
 
 

@@ -659,6 +659,37 @@ def bench_masks(n_boxes, maps='superpixels', k=8, M=56, out_size=7):
                 aligned=stats(worst['aligned']), reference_aligned_false=stats(worst['reference']))
 
 
+@torch.no_grad()
+def bench_superpixel_features(n_images, size=224, n_segments=100):
+    """The superpixel features k-means clusters, ours against the reference's, on generated
+    scenes at the training size with an untrained resnet50's layer3 (14 x 14): ours weight each
+    cell by the share of it the superpixel covers (area); the reference's bilinearly resize the
+    full-resolution one-hot map to 14 x 14 without antialiasing, which weights each cell by the
+    2 x 2 pixels at its centre. Cosine of the two L2-normalised vectors per superpixel, and the
+    share of superpixels the reference's sampling misses entirely (a zero row)."""
+    torch.manual_seed(0)
+    net = r2o.build_encoder('resnet50').eval()
+    cosines, missed, total = [], 0, 0
+    for i in range(n_images):
+        image = data.synthetic_scene(i, size)[0]
+        labels = torch.from_numpy(data.slic(image, n_segments=n_segments, start_label=0,
+                                            channel_axis=-1).astype(np.int64))
+        features = r2o.encoder_features(net, data.normalize(Image.fromarray(image))[None],
+                                        r2o.CLUSTER_LAYER)[0].flatten(1)          # C x 196
+        onehot = F.one_hot(labels, int(labels.max()) + 1).permute(2, 0, 1).float()[None]
+        ours = F.adaptive_avg_pool2d(onehot, (14, 14))[0].flatten(1)
+        theirs = F.interpolate(onehot, size=(14, 14), mode='bilinear', align_corners=False)[0].flatten(1)
+        pooled = {name: (w @ features.T) / w.sum(1, keepdim=True).clamp_min(1e-12)
+                  for name, w in (('ours', ours), ('theirs', theirs))}
+        hit = theirs.sum(1) > 0
+        missed += int((~hit).sum())
+        total += len(hit)
+        cosines += F.cosine_similarity(pooled['ours'][hit], pooled['theirs'][hit], dim=1).tolist()
+    return dict(images=n_images, superpixels=total, cosine_mean=float(np.mean(cosines)),
+                cosine_min=float(np.min(cosines)), cosine_p1=float(np.percentile(cosines, 1)),
+                missed_by_reference=missed / total)
+
+
 # ================================ part 8: arithmetic ================================
 
 def step_flops(cfg):
@@ -792,6 +823,11 @@ def summary_rows(res):
         for k in K_R2O:
             rows.append((f'step peak memory K={k}', f'{M[k][key]:.0f} MiB', f'BYOL {M[1][key]:.0f}',
                          f'{M[k][key] / max(M[1][key], 1e-9):.2f}x', '(info)', ''))
+    if 'superpixel_features' in res:
+        P = res['superpixel_features']
+        rows.append(('superpixel features: ours vs the reference\'s sampling, cosine mean / 1% / min',
+                     f'{P["cosine_mean"]:.3f} / {P["cosine_p1"]:.3f} / {P["cosine_min"]:.3f}',
+                     f'{100 * P["missed_by_reference"]:.1f}% missed by the reference', '', '(info)', ''))
     for P in res.get('masks', []):
         a, r = P['aligned'], P['reference_aligned_false']
         rows.append((f'masks, {P["maps"]} maps: worst cell vs exact, {P["boxes"]} boxes (median/p90/max)',
@@ -886,6 +922,13 @@ def print_details(res):
               f'refinement\'s target layer3 pass adds {100 * entry["refinement_pass_over_byol"]:.1f}%; '
               f'R2O with every row through the heads: K=4 {entry["r2o_k4_over_byol"]:.3f}x, '
               f'K=128 {entry["r2o_k128_over_byol"]:.3f}x BYOL')
+    if 'superpixel_features' in res:
+        P = res['superpixel_features']
+        print(f'\n5. superpixel features ({P["superpixels"]} superpixels of {P["images"]} generated scenes, '
+              f'untrained resnet50 layer3): ours (area-weighted) against the reference\'s (bilinear '
+              f'resize of the one-hot): cosine mean {P["cosine_mean"]:.4f}, 1st percentile '
+              f'{P["cosine_p1"]:.3f}, min {P["cosine_min"]:.3f}; {100 * P["missed_by_reference"]:.2f}% '
+              'of the superpixels miss every sample of the reference (a zero row there)')
     for P in res.get('masks', []):
         print(f'\n5. masks against the exact area fractions: {P["boxes"]} crop boxes of {P["label_map"]} x '
               f'{P["label_map"]} label maps of {P["maps"]} (K={P["k"]}), {P["out_size"]} x {P["out_size"]} '
@@ -959,6 +1002,7 @@ def main(args):
         if 'masks' in parts:
             begin('5. masks')
             res['masks'] = [bench_masks(n_boxes, maps) for maps in ('superpixels', 'cells')]
+            res['superpixel_features'] = bench_superpixel_features(4 if q else 32)
             end('5. masks')
         if 'loop' in parts:
             begin('6. training loop')

@@ -3,6 +3,7 @@
 CPU and small (resnet18, 32-64 px images, a few steps). Run: python -m pytest -q test_r2o.py
 """
 import copy
+import inspect
 import json
 import math
 import os
@@ -510,10 +511,27 @@ def test_sample_has_the_documented_shapes():
     assert not torch.equal(ds[(1, 1)]['view1'], s['view1'])              # ...and per epoch
 
 
-def test_blur_is_pillows_approximation_or_the_references_gaussian():
-    img = Image.fromarray(data.synthetic_scene(0, 64)[0])
+def blur_test_images():
+    """Sharp edges everywhere: shapes on textures, noise (not square), a grey checkerboard."""
+    noise = np.random.default_rng(0).integers(0, 256, (37, 58, 3), dtype=np.uint8)
+    checks = (np.indices((48, 30)).sum(0) // 5 % 2 * 255).astype(np.uint8)
+    return [Image.fromarray(data.synthetic_scene(0, 64)[0]), Image.fromarray(noise),
+            Image.fromarray(checks).convert('RGB')]
+
+
+def test_blur_is_the_references_gaussian_or_pillows_approximation():
+    """--blur gaussian is cv2.GaussianBlur(img, (23, 23), sigma): the 23 x 23 Gaussian, border
+    mirrored without repeating the edge, as torchvision's 2-D convolution computes it (slowly)."""
+    for img in blur_test_images():
+        for sigma in (0.1, 0.5, 1.05, 1.6, 2.0):                 # the ends of the range too
+            ours = np.asarray(data.gaussian_blur(img, sigma), dtype=np.int64)
+            exact = np.asarray(torchvision.transforms.functional.gaussian_blur(img, 23, sigma),
+                               dtype=np.int64)
+            assert np.abs(ours - exact).max() <= 1                 # float rounding, nothing more
+            assert (ours != exact).mean() < 1e-3
+    img = blur_test_images()[0]
     views = {}
-    for blur in ('pillow', 'kernel23'):
+    for blur in ('gaussian', 'pillow', 'kernel23'):
         rng = random.Random(3)
         views[blur] = np.asarray(data.color_augment(img, rng, 1.0, 0.0, jitter_p=0, gray_p=0,
                                                     blur=blur), dtype=np.float64)
@@ -521,10 +539,29 @@ def test_blur_is_pillows_approximation_or_the_references_gaussian():
     for _ in range(3):                               # jitter, grayscale and blur coin flips
         rng.random()
     sigma = rng.uniform(0.1, 2.0)                    # the draw color_augment made
-    exact = np.asarray(torchvision.transforms.functional.gaussian_blur(img, 23, sigma))
-    assert np.array_equal(views['kernel23'], exact)
-    assert not np.array_equal(views['pillow'], exact)
-    assert np.abs(views['pillow'] - exact).mean() < 3       # the same blur, approximately
+    assert np.array_equal(views['gaussian'], np.asarray(data.gaussian_blur(img, sigma)))
+    assert np.array_equal(views['kernel23'], views['gaussian'])   # the former name
+    assert not np.array_equal(views['pillow'], views['gaussian'])
+    assert np.abs(views['pillow'] - views['gaussian']).mean() < 3   # the same blur, approximately
+    for fn in (data.color_augment, data.two_views, data.R2ODataset):      # the reference's, by default
+        assert inspect.signature(fn).parameters['blur'].default == 'gaussian'
+
+
+def test_gaussian_blur_of_an_image_smaller_than_its_reach():
+    """Sides under 12 px, where a 23-tap kernel reaches past the mirrored border: the border is
+    mirrored again (as OpenCV and numpy's 'reflect' padding do), one pixel stays one colour."""
+    rng = np.random.default_rng(1)
+    for h, w in ((1, 1), (1, 7), (2, 3), (5, 11), (11, 40)):
+        small = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        big = np.pad(small, ((30, 30), (30, 30), (0, 0)), mode='reflect')
+        for sigma in (0.1, 1.0, 2.0):
+            ours = np.asarray(data.gaussian_blur(Image.fromarray(small), sigma), dtype=np.int64)
+            exact = np.asarray(torchvision.transforms.functional.gaussian_blur(
+                Image.fromarray(big), 23, sigma), dtype=np.int64)[30:30 + h, 30:30 + w]
+            assert ours.shape == (h, w, 3)
+            assert np.abs(ours - exact).max() <= 1
+    one = np.asarray(data.gaussian_blur(Image.new('RGB', (1, 1), (10, 200, 30)), 2.0))
+    assert one.tolist() == [[[10, 200, 30]]]
 
 
 def test_flipped_view_gets_a_flipped_mask_end_to_end():

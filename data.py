@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -41,18 +42,39 @@ class DataError(Exception):
 
 # ================================ reading images ================================
 
+# Folders of held-out images: val, valid, validation, test, testing, alone or followed by a
+# non-letter (COCO's val2017, test2017, test-dev), in any case. Not valley or testudo (class names).
+HELD_OUT = re.compile(r'(val|valid|validation|test|testing)([^a-z].*)?')
+
+
 def find_images(root):
-    """Every image file under `root` (or `root/train` when it exists), sorted, recursively."""
+    """Every image file under `root` (or `root/train` when it exists), sorted, recursively.
+
+    A folder of held-out images below it (`HELD_OUT`: val, test2017, ...) stops the scan with a
+    DataError: a dataset root that holds train and val one level down (the authors'
+    imagenet/images/{train,val}, COCO's coco/{train2017,val2017}) would train on both. One pass,
+    no stat per file (os.walk reads the entry types with the names)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f'--data {root}: no such folder')
     if (root / 'train').is_dir():
         root = root / 'train'
-    files = sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        held_out = sorted(d for d in subfolders if HELD_OUT.fullmatch(d.lower()))
+        if held_out:
+            train = sorted(d for d in subfolders if d.lower().startswith('train'))
+            example = Path(folder, train[0]) if train else '.../train2017'
+            raise DataError(f'--data {root} holds validation or test images ('
+                            f'{", ".join(str(Path(folder, d)) for d in held_out)}), and every image '
+                            f'under --data is trained on: point --data at the training folder '
+                            f'(e.g. --data {example})')
+        folder = Path(folder)
+        files += [folder / n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
     if not files:
         raise DataError(f'--data {root}: no image files found '
                         f'(looked recursively for {", ".join(sorted(IMAGE_EXTENSIONS))})')
-    return files
+    return sorted(files)
 
 
 def to_rgb(img):

@@ -635,6 +635,37 @@ def test_imagenet_layout_uses_the_train_folder(tmp_path):
     assert [p.parent.name for p in data.find_images(tmp_path)] == ['n01', 'n02']
 
 
+def image_tree(root, *folders):
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
+        Image.new('RGB', (20, 20)).save(root / folder / 'a.jpg')
+    return root
+
+
+def test_a_dataset_root_holding_validation_images_is_refused(tmp_path):
+    """A scan that meets val or test images below --data stops, naming them: the authors'
+    imagenet/images/{train,val} and COCO's {train2017,val2017,test2017} would train on both."""
+    authors = image_tree(tmp_path / 'imagenet', 'images/train/n01', 'images/train/n02',
+                         'images/val/n01')
+    coco = image_tree(tmp_path / 'coco', 'train2017', 'val2017', 'test2017', 'annotations')
+    for root, held_out, train in ((authors, ['images/val'], 'images/train'),
+                                  (coco, ['test2017', 'val2017'], 'train2017')):
+        with pytest.raises(data.DataError) as e:
+            data.find_images(root)
+        assert all(str(root / folder) in str(e.value) for folder in held_out)
+        assert f'--data {root / train}' in str(e.value)                  # what to give instead
+        assert len(data.find_images(root / train)) == len(list((root / train).rglob('*.jpg')))
+    for name in ('Val', 'valid', 'Validation', 'test', 'val_2014', 'test-dev'):
+        with pytest.raises(data.DataError, match=name):
+            data.find_images(image_tree(tmp_path / f'root-{name}', 'train2017', name))
+    # class folders that only contain the letters, or start with them as a word of their own
+    classes = image_tree(tmp_path / 'classes', 'interval', 'valley', 'testudo', 'n01/retest')
+    assert len(data.find_images(classes)) == 4
+    res = run_cli('r2o.py', '--data', str(authors), '--output-dir', str(tmp_path / 'o'))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith('error:') and str(authors / 'images' / 'val') in res.stderr
+
+
 # ================================ superpixel cache ================================
 
 def test_cache_returns_what_was_stored_and_rejects_half_written_rows(tmp_path):

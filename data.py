@@ -336,8 +336,8 @@ def gaussian_blur(img, sigma, taps=23):
     the two), the border reflected without repeating the edge pixel, the result rounded to 8
     bits. This equals the 2-D convolution `torchvision.transforms.functional.gaussian_blur(img,
     taps, sigma)` (the same kernel and border) within one grey level, nearly always exactly, and
-    is about 10x faster: 1.3-1.8 ms for a 224 x 224 RGB view on one CPU thread, about the time of
-    Pillow's box-filter approximation or less (`python bench.py --parts blur`). Any image size,
+    is 6-12x faster: on one CPU thread a 224 x 224 RGB view takes about as long as with Pillow's
+    box-filter approximation (`python bench.py --parts blur` times all three). Any image size,
     also one smaller than the kernel's reach (the border is mirrored again, as OpenCV does); 8-bit
     images with any number of channels (L, RGB, RGBA)."""
     if taps % 2 == 0:

@@ -28,12 +28,16 @@ processes kept busy, and warns when that is not about zero.
 8. floating-point operations of a step (counted on meta tensors, any machine) at the GPU
    configuration and at part 2's: R2O over BYOL in arithmetic alone, a floor under the time
    ratio unless the extra work runs faster per operation than the network does.
+9. the Gaussian blur of one 224 px view on one thread, at sigmas drawn as the loader draws them:
+   data.gaussian_blur (the reference's 23-tap Gaussian, separable: the default) vs. Pillow's
+   box-filter approximation (--blur pillow) vs. the same Gaussian as a 2-D 23 x 23 kernel.
 """
 import argparse
 import functools
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -48,7 +52,8 @@ import skimage
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import roi_align
@@ -76,14 +81,16 @@ def get_args_parser():
     p.add_argument('--quick', action='store_true', help='tiny sizes, for a smoke test (figures mean little)')
     p.add_argument('--json', default=None, help='save every figure to this file')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--parts', default='loader,step,kmeans,memory,masks,loop,batches,flops',
+    p.add_argument('--parts', default='loader,step,kmeans,memory,masks,loop,batches,flops,blur',
                    help='comma-separated subset of: loader, step, kmeans, memory, masks, loop, '
-                        'batches, flops (all)')
+                        'batches, flops, blur (all)')
     p.add_argument('--loader-images', type=int, default=None,
                    help='JPEG scenes per loader pass (48; quick 3)')
     p.add_argument('--loader-rounds', type=int, default=None,
                    help='interleaved passes per loader variant; the best one counts (2; quick 1)')
     p.add_argument('--mask-boxes', type=int, default=None, help='crop boxes for part 5 (200; quick 20)')
+    p.add_argument('--blur-calls', type=int, default=None,
+                   help='blurred views per variant in part 9, the median counts (200; quick 20)')
     p.add_argument('--scene-size', type=int, default=400,
                    help='generated scene side in pixels, 400 (ImageNet photos are about 375x500)')
     p.add_argument('--steps', type=int, default=None,
@@ -718,6 +725,45 @@ def step_flops(cfg):
                 **{f'r2o_k{k}_over_byol': (step(k) + refine) / byol for k in K_R2O})
 
 
+# ================================ part 9: Gaussian blur ================================
+
+def bench_blur(calls, scene_size):
+    """ms per blurred 224 x 224 view on one thread (a loader worker's), median over `calls`
+    sigmas drawn as data.color_augment draws them: Pillow's approximation and the separable
+    Gaussian interleaved call by call, then the 2-D kernel in a loop of its own (run between them,
+    its large convolution slows the call that follows it); and how far the separable Gaussian is
+    from the 2-D kernel, pixel by pixel."""
+    view = Image.fromarray(data.synthetic_scene(0, scene_size)[0]).resize((224, 224), Image.BICUBIC)
+    ways = dict(pillow=lambda s: view.filter(ImageFilter.GaussianBlur(radius=s)),
+                separable=lambda s: data.gaussian_blur(view, s),
+                kernel2d=lambda s: TF.gaussian_blur(view, 23, s))
+    rng = random.Random(0)
+    sigmas = [rng.uniform(0.1, 2.0) for _ in range(calls)]
+    times = {name: [] for name in ways}
+    max_diff, differ = 0, 0
+    with single_thread():
+        for blur in ways.values():                                  # warm-up
+            blur(1.0)
+        for sigma in sigmas:
+            for name in ('pillow', 'separable'):
+                start = time.perf_counter()
+                ways[name](sigma)
+                times[name].append((time.perf_counter() - start) * 1000)
+        for sigma in sigmas:
+            start = time.perf_counter()
+            exact = ways['kernel2d'](sigma)
+            times['kernel2d'].append((time.perf_counter() - start) * 1000)
+            diff = np.abs(np.asarray(ways['separable'](sigma), np.int16) - np.asarray(exact, np.int16))
+            max_diff, differ = max(max_diff, int(diff.max())), differ + int((diff > 0).sum())
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    return dict(calls=calls, image_size=224, taps=23, sigma_range=(0.1, 2.0),
+                ms_pillow=ms['pillow'], ms_separable=ms['separable'], ms_kernel2d=ms['kernel2d'],
+                separable_minus_pillow_ms=ms['separable'] - ms['pillow'],
+                kernel2d_over_separable=ms['kernel2d'] / ms['separable'],
+                separable_vs_kernel2d_max_diff=max_diff,
+                separable_vs_kernel2d_differing=differ / (calls * 224 * 224 * 3))
+
+
 # ================================ report ================================
 
 def variant_name(k, gpu):
@@ -833,6 +879,18 @@ def summary_rows(res):
         rows.append((f'masks, {P["maps"]} maps: worst cell vs exact, {P["boxes"]} boxes (median/p90/max)',
                      f'{a["median"]:.3f} / {a["p90"]:.3f} / {a["max"]:.3f}',
                      f'aligned=False {r["median"]:.3f} / {r["p90"]:.3f} / {r["max"]:.3f}', '', '(info)', ''))
+    if 'blur' in res:
+        G = res['blur']
+        rows.append(('blur, 224 px view, 1 thread: reference\'s Gaussian, separable',
+                     f'{G["ms_separable"]:.2f} ms', f'Pillow\'s approximation {G["ms_pillow"]:.2f}',
+                     f'{G["separable_minus_pillow_ms"]:+.2f} ms', '<= Pillow + 0.5 ms',
+                     verdict(G['separable_minus_pillow_ms'] <= 0.5)))
+        rows.append(('blur: the same Gaussian as a 2-D 23 x 23 kernel', f'{G["ms_kernel2d"]:.1f} ms',
+                     f'separable {G["ms_separable"]:.2f}', f'{G["kernel2d_over_separable"]:.1f}x slower',
+                     '(info)', ''))
+        rows.append(('blur: separable vs 2-D kernel, largest pixel difference',
+                     f'{G["separable_vs_kernel2d_max_diff"]} grey level', '',
+                     f'{100 * G["separable_vs_kernel2d_differing"]:.4f}% of values differ', '(info)', ''))
     return rows
 
 
@@ -937,6 +995,15 @@ def print_details(res):
                             ('reference_aligned_false', 'the reference (aligned=False)')):
             e = P[name]
             print(f'   {label}: {e["median"]:.3f} / {e["p90"]:.3f} / {e["max"]:.3f}')
+    if 'blur' in res:
+        G = res['blur']
+        print(f'\n9. Gaussian blur of one {G["image_size"]} x {G["image_size"]} RGB view, one thread, median of '
+              f'{G["calls"]} calls at sigma drawn in [0.1, 2.0], ms: Pillow\'s approximation (--blur pillow) '
+              f'{G["ms_pillow"]:.2f} | the reference\'s {G["taps"]}-tap Gaussian, separable (data.gaussian_blur, '
+              f'--blur gaussian) {G["ms_separable"]:.2f} | the same as a 2-D {G["taps"]} x {G["taps"]} kernel '
+              f'(torchvision) {G["ms_kernel2d"]:.1f}\n'
+              f'   separable vs 2-D: at most {G["separable_vs_kernel2d_max_diff"]} grey level apart, '
+              f'{100 * G["separable_vs_kernel2d_differing"]:.4f}% of the values differ')
 
 
 def main(args):
@@ -946,7 +1013,7 @@ def main(args):
     if args.memory_child is not None:
         return memory_child(args.memory_child, args.quick, device, args.kmeans_iters)
     parts = set(args.parts.split(','))
-    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'masks', 'loop', 'batches', 'flops'}
+    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'masks', 'loop', 'batches', 'flops', 'blur'}
     if unknown:
         raise SystemExit(f'--parts: unknown {", ".join(sorted(unknown))}')
     if parts & {'kmeans', 'memory', 'loop'}:
@@ -1018,6 +1085,10 @@ def main(args):
             cfg = step_config(device, q)
             res['flops'] = [step_flops(c) for c in ([STEP_GPU] + [cfg] * (cfg != STEP_GPU))]
             end('8. FLOPs')
+        if 'blur' in parts:
+            begin('9. blur')
+            res['blur'] = bench_blur(pick(args.blur_calls, 200, 20), args.scene_size)
+            end('9. blur')
     res['machine']['load_average_at_end'] = [round(x, 2) for x in os.getloadavg()]
     res['machine']['busy_cores_at_end'] = busy_cores()
     res['wall_s'] = round(time.perf_counter() - start, 1)

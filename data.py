@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -41,18 +42,39 @@ class DataError(Exception):
 
 # ================================ reading images ================================
 
+# Folders of held-out images: val, valid, validation, test, testing, alone or followed by a
+# non-letter (COCO's val2017, test2017, test-dev), in any case. Not valley or testudo (class names).
+HELD_OUT = re.compile(r'(val|valid|validation|test|testing)([^a-z].*)?')
+
+
 def find_images(root):
-    """Every image file under `root` (or `root/train` when it exists), sorted, recursively."""
+    """Every image file under `root` (or `root/train` when it exists), sorted, recursively.
+
+    A folder of held-out images below it (`HELD_OUT`: val, test2017, ...) stops the scan with a
+    DataError: a dataset root that holds train and val one level down (the authors'
+    imagenet/images/{train,val}, COCO's coco/{train2017,val2017}) would train on both. One pass,
+    no stat per file (os.walk reads the entry types with the names)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f'--data {root}: no such folder')
     if (root / 'train').is_dir():
         root = root / 'train'
-    files = sorted(p for p in root.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        held_out = sorted(d for d in subfolders if HELD_OUT.fullmatch(d.lower()))
+        if held_out:
+            train = sorted(d for d in subfolders if d.lower().startswith('train'))
+            example = Path(folder, train[0]) if train else '.../train2017'
+            raise DataError(f'--data {root} holds validation or test images ('
+                            f'{", ".join(str(Path(folder, d)) for d in held_out)}), and every image '
+                            f'under --data is trained on: point --data at the training folder '
+                            f'(e.g. --data {example})')
+        folder = Path(folder)
+        files += [folder / n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
     if not files:
         raise DataError(f'--data {root}: no image files found '
                         f'(looked recursively for {", ".join(sorted(IMAGE_EXTENSIONS))})')
-    return files
+    return sorted(files)
 
 
 def to_rgb(img):
@@ -272,9 +294,71 @@ def random_crop_box(rng, width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+# The reference blurs with OpenCV, cv2.GaussianBlur(img, (23, 23), sigma). `gaussian_blur` computes
+# the same Gaussian in torch, one axis at a time; Pillow's GaussianBlur (`--blur pillow`) is an
+# approximation made of box filters.
+
+def reflect_101(n, start, stop):
+    """Positions start..stop-1 along an axis of length n, mapped into 0..n-1 by mirroring at the
+    ends without repeating the edge pixel (dcb|abcd|cba: OpenCV's BORDER_REFLECT_101, torch's
+    'reflect' padding). An axis shorter than the reach is mirrored again, as OpenCV does."""
+    i = torch.arange(start, stop)
+    if n == 1:
+        return torch.zeros_like(i)
+    i = i.remainder(2 * (n - 1))                   # the mirrored axis repeats every 2(n - 1)
+    return torch.where(i < n, i, 2 * (n - 1) - i)
+
+
+def blur_first_dim(x, kernel, block=16):
+    """Convolve x (n x ..., float32) along its first dimension with an odd-length 1-D kernel,
+    border reflect-101. Same shape out.
+
+    As a matrix product, out = A @ x with A an n x n band matrix (row i holds the kernel around
+    column i). The band is thin, so the product is taken a block of `block` output rows at a
+    time: each block needs only the block + taps - 1 input rows around it, and every block uses
+    the same block x (block + taps - 1) slice of the band."""
+    n, taps = x.shape[0], len(kernel)
+    r = taps // 2
+    blocks = -(-n // block)
+    band = torch.zeros(block, block + taps - 1, dtype=x.dtype)     # band[i, i + t] = kernel[t]
+    band.scatter_(1, torch.arange(block)[:, None] + torch.arange(taps),
+                  kernel.to(x.dtype).expand(block, -1))
+    rows = x.index_select(0, reflect_101(n, -r, blocks * block + r)).flatten(1)  # padded, 2-D
+    windows = rows.unfold(0, block + taps - 1, block).transpose(1, 2)   # blocks x rows seen x rest
+    return (band @ windows).reshape(blocks * block, *x.shape[1:])[:n]
+
+
+def gaussian_blur(img, sigma, taps=23):
+    """The reference's blur of a PIL image: cv2.GaussianBlur(img, (taps, taps), sigma).
+
+    The 1-D kernel exp(-(i - taps // 2)^2 / (2 sigma^2)), i = 0..taps-1, normalised to sum 1,
+    is applied down the columns, then along the rows (the taps x taps Gaussian is the product of
+    the two), the border reflected without repeating the edge pixel, the result rounded to 8
+    bits. This equals the 2-D convolution `torchvision.transforms.functional.gaussian_blur(img,
+    taps, sigma)` (the same kernel and border) within one grey level, nearly always exactly, and
+    is 6-12x faster: on one CPU thread a 224 x 224 RGB view takes about as long as with Pillow's
+    box-filter approximation (`python bench.py --parts blur` times all three). Any image size,
+    also one smaller than the kernel's reach (the border is mirrored again, as OpenCV does); 8-bit
+    images with any number of channels (L, RGB, RGBA)."""
+    if taps % 2 == 0:
+        raise ValueError(f'taps must be odd (got {taps})')
+    a = np.asarray(img)
+    x = torch.from_numpy(a.astype(np.float32)).view(a.shape[0], a.shape[1], -1)   # H x W x C
+    i = torch.arange(taps, dtype=torch.float64) - taps // 2
+    kernel = torch.exp(-i * i / (2 * sigma * sigma))
+    kernel = (kernel / kernel.sum()).float()
+    x = blur_first_dim(x, kernel)                                              # down the columns
+    x = blur_first_dim(x.transpose(0, 1), kernel).transpose(0, 1)              # along the rows
+    out = x.round().clamp_(0, 255).to(torch.int16).to(torch.uint8)   # via int16: a faster cast
+    return Image.fromarray(out.contiguous().view(a.shape).numpy())
+
+
 def color_augment(img, rng, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-                  gray_p=0.2, blur='pillow'):
-    """BYOL colour augmentation of a PIL image with parameters drawn from `rng`."""
+                  gray_p=0.2, blur='gaussian'):
+    """BYOL colour augmentation of a PIL image with parameters drawn from `rng`.
+
+    blur: 'gaussian', the reference's 23-tap Gaussian (`gaussian_blur`), or 'pillow', Pillow's
+    box-filter approximation of it."""
     if rng.random() < jitter_p:
         b, c, s, h = jitter
         ops = [lambda x: TF.adjust_brightness(x, rng.uniform(1 - b, 1 + b)),
@@ -288,12 +372,12 @@ def color_augment(img, rng, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jit
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if rng.random() < blur_p:
         sigma = rng.uniform(0.1, 2.0)
-        # 'pillow' (radius = sigma, a box-filter approximation) is ~6x faster on a CPU core than
-        # the reference's true Gaussian with a 23 x 23 kernel, and loaders are what limit GPUs
-        if blur == 'kernel23':
-            img = TF.gaussian_blur(img, 23, sigma)
-        else:
+        if blur == 'gaussian':
+            img = gaussian_blur(img, sigma)
+        elif blur == 'pillow':
             img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
+        else:
+            raise ValueError(f'blur {blur!r}: expected gaussian or pillow')
     if rng.random() < solarize_p:
         img = TF.solarize(img, 128)
     return img
@@ -310,7 +394,7 @@ def denormalize(x):
     return ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0), blur='pillow'):
+def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0), blur='gaussian'):
     """Two augmented views of a PIL image, their boxes (normalised x0, y0, x1, y1) and flips.
 
     View 1 is always blurred and never solarised; view 2 is blurred with p=0.1 and solarised
@@ -339,13 +423,12 @@ class R2ODataset(Dataset):
     epoch without any state in the (possibly persistent) loader workers.
     """
 
-    def __init__(self, image_size=224, n_segments=100, slic_size=None, slic_compactness=10.0,
+    def __init__(self, image_size=224, n_segments=100, slic_compactness=10.0,
                  slic_sigma=0.0, slic_input='rgb', flip_p=0.5, cache_dir=None, seed=0,
-                 crop_scale=(0.08, 1.0), blur='pillow'):
+                 crop_scale=(0.08, 1.0), blur='gaussian'):
         self.image_size = image_size
         self.mask_size = image_size // 4
         self.n_segments = n_segments
-        self.slic_size = slic_size or image_size
         self.slic_compactness = slic_compactness
         self.slic_sigma = slic_sigma
         self.slic_input = slic_input
@@ -365,7 +448,7 @@ class R2ODataset(Dataset):
         raise NotImplementedError
 
     def cache_key(self):
-        params = dict(n_segments=self.n_segments, slic_size=self.slic_size,
+        params = dict(n_segments=self.n_segments, slic_size=self.image_size,   # SLIC's input size
                       compactness=self.slic_compactness, sigma=self.slic_sigma,
                       input=self.slic_input,
                       mask_size=self.mask_size, version=1)
@@ -377,13 +460,14 @@ class R2ODataset(Dataset):
     def superpixels(self, index, image=None):
         """Image `index`'s superpixels, mask_size x mask_size int64, from the cache if there.
 
-        SLIC runs on the whole RGB image resized to slic_size x slic_size (aspect not kept,
-        like the raw view), not on the normalised tensor as in the reference code."""
+        SLIC runs on the whole RGB image resized to the training size (aspect not kept, like
+        the raw view), on its RGB values (slic_input 'rgb') or, as the reference code, on the
+        normalised tensor ('normalized')."""
         labels = self.cache.get(index) if self.cache is not None else None
         if labels is None:
             if image is None:
                 image = self.load(index)
-            image = np.asarray(image.resize((self.slic_size, self.slic_size), Image.BICUBIC))
+            image = np.asarray(image.resize((self.image_size, self.image_size), Image.BICUBIC))
             if self.slic_input == 'normalized':      # what the reference code feeds SLIC
                 image = (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
             labels = compute_superpixels(image, self.n_segments, self.mask_size,

@@ -737,10 +737,10 @@ def get_args_parser(add_help=True):
                         'epoch and by every run on the same data); "none" recomputes SLIC every time')
     g.add_argument('--flip-p', type=float, default=0.5,
                    help='horizontal flip probability per view (the reference code flips always: 1.0)')
-    g.add_argument('--blur', default='pillow', choices=['pillow', 'kernel23'],
-                   help='Gaussian blur of the views: Pillow\'s box-filter approximation, or a true '
-                        'Gaussian with a 23 x 23 kernel as the reference (several times slower in '
-                        'the loader)')
+    g.add_argument('--blur', default='gaussian', choices=['gaussian', 'pillow'],
+                   help='Gaussian blur of the views: the reference\'s (OpenCV\'s 23 x 23 Gaussian, '
+                        'computed one axis at a time: as fast as Pillow\'s), or Pillow\'s '
+                        'box-filter approximation of it')
     g.add_argument('--workers', type=int, default=None, help='loader processes per GPU (8; preset 2)')
     g.add_argument('--max-bad-fraction', type=float, default=0.01,
                    help='stop if more than this fraction of the images read so far are unreadable')

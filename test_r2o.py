@@ -6,6 +6,7 @@ import ast
 import copy
 import errno
 import functools
+import inspect
 import io
 import json
 import math
@@ -629,10 +630,27 @@ def test_sample_has_the_documented_shapes():
     assert not torch.equal(ds[(1, 1)]['view1'], s['view1'])              # ...and per epoch
 
 
-def test_blur_is_pillows_approximation_or_the_references_gaussian():
-    img = Image.fromarray(data.synthetic_scene(0, 64)[0])
+def blur_test_images():
+    """Sharp edges everywhere: shapes on textures, noise (not square), a grey checkerboard."""
+    noise = np.random.default_rng(0).integers(0, 256, (37, 58, 3), dtype=np.uint8)
+    checks = (np.indices((48, 30)).sum(0) // 5 % 2 * 255).astype(np.uint8)
+    return [Image.fromarray(data.synthetic_scene(0, 64)[0]), Image.fromarray(noise),
+            Image.fromarray(checks).convert('RGB')]
+
+
+def test_blur_is_the_references_gaussian_or_pillows_approximation():
+    """--blur gaussian is cv2.GaussianBlur(img, (23, 23), sigma): the 23 x 23 Gaussian, border
+    mirrored without repeating the edge, as torchvision's 2-D convolution computes it (slowly)."""
+    for img in blur_test_images():
+        for sigma in (0.1, 0.5, 1.05, 1.6, 2.0):                 # the ends of the range too
+            ours = np.asarray(data.gaussian_blur(img, sigma), dtype=np.int64)
+            exact = np.asarray(torchvision.transforms.functional.gaussian_blur(img, 23, sigma),
+                               dtype=np.int64)
+            assert np.abs(ours - exact).max() <= 1                 # float rounding, nothing more
+            assert (ours != exact).mean() < 1e-3
+    img = blur_test_images()[0]
     views = {}
-    for blur in ('pillow', 'kernel23'):
+    for blur in ('gaussian', 'pillow'):
         rng = random.Random(3)
         views[blur] = np.asarray(data.color_augment(img, rng, 1.0, 0.0, jitter_p=0, gray_p=0,
                                                     blur=blur), dtype=np.float64)
@@ -640,10 +658,28 @@ def test_blur_is_pillows_approximation_or_the_references_gaussian():
     for _ in range(3):                               # jitter, grayscale and blur coin flips
         rng.random()
     sigma = rng.uniform(0.1, 2.0)                    # the draw color_augment made
-    exact = np.asarray(torchvision.transforms.functional.gaussian_blur(img, 23, sigma))
-    assert np.array_equal(views['kernel23'], exact)
-    assert not np.array_equal(views['pillow'], exact)
-    assert np.abs(views['pillow'] - exact).mean() < 3       # the same blur, approximately
+    assert np.array_equal(views['gaussian'], np.asarray(data.gaussian_blur(img, sigma)))
+    assert not np.array_equal(views['pillow'], views['gaussian'])
+    assert np.abs(views['pillow'] - views['gaussian']).mean() < 3   # the same blur, approximately
+    for fn in (data.color_augment, data.two_views, data.R2ODataset):      # the reference's, by default
+        assert inspect.signature(fn).parameters['blur'].default == 'gaussian'
+
+
+def test_gaussian_blur_of_an_image_smaller_than_its_reach():
+    """Sides under 12 px, where a 23-tap kernel reaches past the mirrored border: the border is
+    mirrored again (as OpenCV and numpy's 'reflect' padding do), one pixel stays one colour."""
+    rng = np.random.default_rng(1)
+    for h, w in ((1, 1), (1, 7), (2, 3), (5, 11), (11, 40)):
+        small = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        big = np.pad(small, ((30, 30), (30, 30), (0, 0)), mode='reflect')
+        for sigma in (0.1, 1.0, 2.0):
+            ours = np.asarray(data.gaussian_blur(Image.fromarray(small), sigma), dtype=np.int64)
+            exact = np.asarray(torchvision.transforms.functional.gaussian_blur(
+                Image.fromarray(big), 23, sigma), dtype=np.int64)[30:30 + h, 30:30 + w]
+            assert ours.shape == (h, w, 3)
+            assert np.abs(ours - exact).max() <= 1
+    one = np.asarray(data.gaussian_blur(Image.new('RGB', (1, 1), (10, 200, 30)), 2.0))
+    assert one.tolist() == [[[10, 200, 30]]]
 
 
 def test_flipped_view_gets_a_flipped_mask_end_to_end():
@@ -717,6 +753,37 @@ def test_imagenet_layout_uses_the_train_folder(tmp_path):
     assert [p.parent.name for p in data.find_images(tmp_path)] == ['n01', 'n02']
 
 
+def image_tree(root, *folders):
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
+        Image.new('RGB', (20, 20)).save(root / folder / 'a.jpg')
+    return root
+
+
+def test_a_dataset_root_holding_validation_images_is_refused(tmp_path):
+    """A scan that meets val or test images below --data stops, naming them: the authors'
+    imagenet/images/{train,val} and COCO's {train2017,val2017,test2017} would train on both."""
+    authors = image_tree(tmp_path / 'imagenet', 'images/train/n01', 'images/train/n02',
+                         'images/val/n01')
+    coco = image_tree(tmp_path / 'coco', 'train2017', 'val2017', 'test2017', 'annotations')
+    for root, held_out, train in ((authors, ['images/val'], 'images/train'),
+                                  (coco, ['test2017', 'val2017'], 'train2017')):
+        with pytest.raises(data.DataError) as e:
+            data.find_images(root)
+        assert all(str(root / folder) in str(e.value) for folder in held_out)
+        assert f'--data {root / train}' in str(e.value)                  # what to give instead
+        assert len(data.find_images(root / train)) == len(list((root / train).rglob('*.jpg')))
+    for name in ('Val', 'valid', 'Validation', 'test', 'val_2014', 'test-dev'):
+        with pytest.raises(data.DataError, match=name):
+            data.find_images(image_tree(tmp_path / f'root-{name}', 'train2017', name))
+    # class folders that only contain the letters, or start with them as a word of their own
+    classes = image_tree(tmp_path / 'classes', 'interval', 'valley', 'testudo', 'n01/retest')
+    assert len(data.find_images(classes)) == 4
+    res = run_cli('r2o.py', '--data', str(authors), '--output-dir', str(tmp_path / 'o'))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith('error:') and str(authors / 'images' / 'val') in res.stderr
+
+
 # ================================ superpixel cache ================================
 
 def test_cache_returns_what_was_stored_and_rejects_half_written_rows(tmp_path):
@@ -775,7 +842,7 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(data.DataError, match='--arch'):
         r2o.main(tiny_args(tmp_path, 'run', '--arch', 'resnet34'))
     # augmentation and seed change what the remaining steps compute: refused as well
-    for flag, value in (('--flip-p', '1.0'), ('--blur', 'kernel23'), ('--seed', '7'),
+    for flag, value in (('--flip-p', '1.0'), ('--blur', 'pillow'), ('--seed', '7'),
                         ('--kmeans-iters', '6')):
         with pytest.raises(data.DataError, match=flag):
             r2o.main(tiny_args(tmp_path, 'run', flag, value))

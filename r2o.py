@@ -8,7 +8,7 @@ This file reads top to bottom as the paper: first the method, as plain functions
 pooling, the overlap indicator, the loss, the K curriculum, the schedules, LARS, the EMA); then,
 in its own section, what exists only for speed; then the training script.
 
-Try it (CPU, no data, about 3 minutes on 2 cores; writes runs/synthetic-cosine/):
+Try it (CPU, no data, 3-4 minutes on 2 cores; writes runs/synthetic-cosine/):
     python r2o.py
 One GPU:
     python r2o.py --data /path/to/imagenet
@@ -688,7 +688,7 @@ def visualize(model, vis, k, args, device, path, title):
 # ================================ arguments ================================
 
 # Defaults that depend on the data: the paper's settings for a real dataset, a small preset for
-# the built-in generated scenes (about 3 minutes on 2 CPU cores). A flag given explicitly wins.
+# the built-in generated scenes (3-4 minutes on 2 CPU cores). A flag given explicitly wins.
 PAPER = dict(arch='resnet50', image_size=224, epochs=300, batch_size=32, lr=0.3,
              superpixels=100, slic_compactness=10.0, slic_sigma=0.0, k_max=128, k_min=4,
              warmup_epochs=3, ema_batch_scale=True, workers=8, save_every=25, vis_every=10,

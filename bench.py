@@ -33,7 +33,6 @@ processes kept busy, and warns when that is not about zero.
    box-filter approximation (--blur pillow) vs. the same Gaussian as a 2-D 23 x 23 kernel.
 """
 import argparse
-import functools
 import json
 import os
 import platform
@@ -221,13 +220,14 @@ def step_config(device, quick):
 
 
 def step_run(device, iters, cluster_batch=None, deterministic=False):
-    """The run constants r2o.step_loss reads, as r2o.run_constants makes them."""
-    bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
-    return dict(device=device, kmeans_iters=iters, cluster_batch=cluster_batch,
-                autocast=(lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if bf16 else nullcontext,
-                cluster=(functools.partial(r2o.kmeans, deterministic=True)
-                         if deterministic and device.type == 'cuda' else r2o.kmeans),
-                deterministic=deterministic)
+    """The run constants r2o.step_loss reads, made by r2o.run_constants from the flags of a run
+    (precision, clustering, --cluster-batch, --deterministic); `deterministic` also tells
+    train_step to switch torch's deterministic algorithms on around the step."""
+    argv = ['--kmeans-iters', str(iters), '--device', str(device)]
+    if cluster_batch:
+        argv += ['--batch-size', str(cluster_batch), '--cluster-batch', str(cluster_batch)]
+    args = r2o.resolve_args(r2o.get_args_parser().parse_args(argv + ['--deterministic'] * deterministic))
+    return dict(r2o.run_constants(args, 0, 1, device, 1), deterministic=deterministic)
 
 
 def step_batch(cfg, device):

@@ -214,7 +214,7 @@ def find_cub(root):
     if not root.is_dir():
         raise data.DataError(f'--data {root}: no such folder')
     cub = root / 'CUB_200_2011' if (root / 'CUB_200_2011').is_dir() else root
-    missing = [str(cub / name) for name in ('images.txt', 'train_test_split.txt', 'images')
+    missing = [str(cub / name) for name in CUB_FILES
                if not (cub / name).exists()]
     places = [cub / 'segmentations', cub.parent / 'segmentations']
     segmentations = next((s for s in places if s.is_dir()), None)

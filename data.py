@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
-from skimage.segmentation import slic
 from torch.utils.data import Dataset, Sampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -185,33 +184,6 @@ def synthetic_objects(n, size=128, seed=1):
 
 
 # ================================ superpixels ================================
-
-def downsample_labels(labels, size):
-    """Bring an integer label map to size x size: each cell takes the label covering most of it.
-
-    Labels are then renumbered 0..n-1 (labels covering no cell disappear). Returns int64.
-    """
-    h, w = labels.shape
-    _, labels = np.unique(labels, return_inverse=True)
-    labels = labels.reshape(h, w)
-    n = int(labels.max()) + 1
-    cell = (np.arange(h) * size // h)[:, None] * size + (np.arange(w) * size // w)[None, :]
-    counts = np.bincount((cell * n + labels).ravel(), minlength=size * size * n)
-    out = counts.reshape(size * size, n).argmax(1)
-    _, out = np.unique(out, return_inverse=True)
-    return out.reshape(size, size).astype(np.int64)
-
-
-def compute_superpixels(image, n_segments, out_size, compactness=10.0, sigma=0.0):
-    """SLIC superpixels of an RGB image (H x W x 3), returned as out_size x out_size ids.
-
-    compactness 10 and sigma 0 are scikit-image's (and the reference's) defaults. On strongly
-    textured images they fragment and the connectivity step merges the pieces into a few huge
-    segments; a higher compactness and sigma=1 keep them regular."""
-    labels = slic(image, n_segments=n_segments, compactness=compactness, sigma=sigma,
-                  start_label=0, channel_axis=-1)
-    return downsample_labels(labels, out_size)
-
 
 class SuperpixelCache:
     """Superpixels computed once per image, kept in one memory-mapped file per dataset.
@@ -423,9 +395,10 @@ class R2ODataset(Dataset):
     epoch without any state in the (possibly persistent) loader workers.
     """
 
-    def __init__(self, image_size=224, n_segments=100, slic_compactness=10.0,
+    def __init__(self, superpixel_map, image_size=224, n_segments=100, slic_compactness=10.0,
                  slic_sigma=0.0, slic_input='rgb', flip_p=0.5, cache_dir=None, seed=0,
                  crop_scale=(0.08, 1.0), blur='gaussian'):
+        self.superpixel_map = superpixel_map       # R2O's prior: r2o.superpixel_map
         self.image_size = image_size
         self.mask_size = image_size // 4
         self.n_segments = n_segments
@@ -470,7 +443,7 @@ class R2ODataset(Dataset):
             image = np.asarray(image.resize((self.image_size, self.image_size), Image.BICUBIC))
             if self.slic_input == 'normalized':      # what the reference code feeds SLIC
                 image = (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-            labels = compute_superpixels(image, self.n_segments, self.mask_size,
+            labels = self.superpixel_map(image, self.n_segments, self.mask_size,
                                          self.slic_compactness, self.slic_sigma)
             if self.cache is not None:
                 self.cache.put(index, labels)

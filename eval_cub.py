@@ -165,6 +165,9 @@ def get_args_parser(add_help=True):
                    help='SLIC pre-smoothing, as in training (0 on CUB, 1 on the built-in set)')
     g.add_argument('--k', type=int, default=5, help='k-means clusters per image')
     g.add_argument('--kmeans-iters', type=int, default=30, help='Lloyd iterations (r2o.kmeans)')
+    g.add_argument('--kmeans-seeding', default='greedy', choices=sorted(r2o.SEEDINGS),
+                   help='k-means seeding, as in training (r2o.py --kmeans-seeding): the '
+                        'reference\'s greedy k-means++ or D^2 in rounds')
     g.add_argument('--seed', type=int, default=0, help='k-means seeding (per image) and random init')
 
     g = p.add_argument_group('run')
@@ -631,7 +634,7 @@ class SegmentationSet(Dataset):
         S = self.input_size
         img = img.resize((S, S), Image.BICUBIC)
         image = np.asarray(img)
-        superpixels = data.compute_superpixels(image, self.n_segments, S // 4,
+        superpixels = r2o.superpixel_map(image, self.n_segments, S // 4,
                                                self.compactness, self.sigma)
         return dict(input=data.normalize(img), image=torch.from_numpy(image.copy()),
                     superpixels=torch.from_numpy(superpixels), gt=torch.from_numpy(gt), name=name)
@@ -918,40 +921,43 @@ def lab_features(images):
 
 
 def cluster_regions(features, superpixels, k, iters=30, generator=None, normalize=True,
-                    n_superpixels=None):
+                    n_superpixels=None, cluster=r2o.kmeans):
     """K-means of one image's regions, by R2O's refinement (r2o.refine on a batch of one).
 
     features: C x h x w; superpixels: M x M ids (M a multiple of h), or None to cluster the
     h x w feature cells themselves (each cell its own region). Region features are averaged
-    inside each region as in training and L2-normalised when `normalize`.
+    inside each region as in training and L2-normalised when `normalize`, then clustered by
+    `cluster` (r2o.kmeans's signature: the training run's clustering, r2o.clustering).
     Returns the cluster map, int64 in [0, k): M x M (superpixels) or h x w (grid).
     """
     if superpixels is None:
         h, w = features.shape[1:]
         superpixels, n_superpixels = torch.arange(h * w, device=features.device).view(h, w), h * w
     return r2o.refine(features[None], superpixels[None], k, iters, generator,
-                      n_superpixels=n_superpixels, normalize=normalize)[0]
+                      n_superpixels=n_superpixels, cluster=cluster, normalize=normalize)[0]
 
 
 @torch.no_grad()
 def cluster_batch(net, batch, args, device, first_index):
     """The cluster maps of one loader batch, on the device: the encoder's features (the mean Lab
-    colour of 4 x 4 cells without a network), then cluster_regions image by image. Image i's
-    k-means draws come from a CPU generator seeded by its index alone, so its clusters depend on
-    neither the batch, nor --limit, nor the device."""
+    colour of 4 x 4 cells without a network), then cluster_regions image by image with the
+    training run's clustering (--kmeans-seeding). Image i's k-means draws come from a CPU
+    generator seeded by its index alone, so its clusters depend on neither the batch, nor
+    --limit, nor the device."""
     if net is None:
         features = lab_features(batch['image']).to(device)
     else:
         features = r2o.encoder_features(net, batch['input'].to(device, non_blocking=True),
                                         args.layer).float()
     superpixels = batch['superpixels'].to(device, non_blocking=True)
+    cluster = r2o.clustering(args.kmeans_seeding)
     maps = []
     for i in range(len(features)):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + first_index + i)
         grid = args.regions == 'grid'
         maps.append(cluster_regions(features[i], None if grid else superpixels[i], args.k,
                                     args.kmeans_iters, g, normalize=net is not None,
-                                    n_superpixels=batch['n_superpixels'][i]))
+                                    n_superpixels=batch['n_superpixels'][i], cluster=cluster))
     return maps
 
 
@@ -1048,7 +1054,8 @@ def describe(args, encoder_info, data_info):
                          stored_at=args.input_size // 4) if args.regions == 'superpixels' else None,
         region_features=('mean inside each region' if colour else
                          'mean inside each region, L2-normalised'),
-        k=args.k, kmeans='r2o.refine with r2o.kmeans (D^2 seeding in rounds), per image', kmeans_iters=args.kmeans_iters,
+        k=args.k, kmeans=f'r2o.refine with r2o.kmeans, --kmeans-seeding {args.kmeans_seeding}, per image',
+        kmeans_iters=args.kmeans_iters,
         seed=args.seed,
         to_ground_truth='cluster map resized to each mask\'s resolution, nearest',
         foreground_rules=dict(

@@ -1179,7 +1179,7 @@ def main(args):
         m = metrics[rule]
         print(f'  {name:<30} {m["fg_iou"]:7.3f}  {m["bg_iou"]:7.3f}  {m["miou"]:6.3f}')
     print('The paper\'s 71.6 (CUB, K=5) reads as mIoU under majority vote; foreground IoU '
-          'separates methods better (see README).')
+          'separates methods better (see docs/evaluation.md).')
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + '\n')

@@ -2241,3 +2241,35 @@ def test_each_method_function_copies_out_with_what_its_docstring_names(name):
         assert docstring_uses(defs[used]) <= uses | {used}, f'{name}: {used} needs more'
     namespace = copied_out(name)
     assert_same(call_method(name, namespace), call_method(name, vars(r2o)))
+
+
+# ================================ the documentation ================================
+
+def markdown_anchors(text):
+    """The anchors GitHub gives a markdown file's headings: lower case, every character but letters,
+    digits, '_', '-' and spaces dropped, spaces made '-', a repeated anchor numbered -1, -2, ..."""
+    anchors, seen, in_code = set(), {}, False
+    for line in text.splitlines():
+        if line.startswith('```'):
+            in_code = not in_code
+        heading = None if in_code else re.match(r'#{1,6} (.+)', line)
+        if heading:
+            slug = re.sub(r'[^\w\- ]', '', heading.group(1).strip().lower()).replace(' ', '-')
+            anchors.add(f'{slug}-{seen[slug]}' if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves():
+    broken = []
+    for md in [HERE / 'README.md', *sorted((HERE / 'docs').glob('*.md'))]:
+        for target in re.findall(r'\]\(([^)\s]+)\)', md.read_text()):
+            if re.match(r'[a-z]+:', target):   # https:, mailto:
+                continue
+            path, _, anchor = target.partition('#')
+            dest = (md.parent / path) if path else md
+            if not dest.is_file():
+                broken.append(f'{md.name}: {target} (no such file)')
+            elif anchor and anchor not in markdown_anchors(dest.read_text()):
+                broken.append(f'{md.name}: {target} (no such heading)')
+    assert not broken, '\n'.join(broken)

@@ -250,7 +250,7 @@ def step_model(cfg, device, merge_empty_rows=None):
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = r2o.LARS(r2o.lars_param_groups(model), weight_decay=1e-6)
+    optimizer = r2o.LARSForeach(r2o.lars_param_groups(model), weight_decay=1e-6)
     for group in optimizer.param_groups:
         group['lr'] = 0.3 * cfg['batch_size'] / 256
     return model, optimizer
@@ -1078,7 +1078,7 @@ def main(args):
             res['step'], model = bench_step(cfg, batch, device, args.kmeans_iters,
                                             pick(args.steps, 8, 1), pick(args.warmup, 2, 1))
             if device.type == 'cuda':
-                res['step']['syncs'] = count_syncs(model, r2o.LARS(r2o.lars_param_groups(model)),
+                res['step']['syncs'] = count_syncs(model, r2o.LARSForeach(r2o.lars_param_groups(model)),
                                                    batch, step_run(device, args.kmeans_iters), device)
             end('2. training step')
         if 'kmeans' in parts:

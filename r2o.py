@@ -180,7 +180,8 @@ def kmeans_seeds(x, k, generator=None, weight=None):
     w = torch.where(w.sum() >= k, w, torch.ones_like(w))          # too few weighted rows: all
     trials = 2 + int(math.log(k))
     uniform = torch.rand(k, trials, generator=generator,
-                         device=generator.device if generator is not None else x.device).to(x.device)
+                         device=generator.device if generator is not None else x.device
+                         ).to(x.device, non_blocking=True)
 
     def draw(p, u):                        # rows drawn in proportion to p, one per number in u
         cdf = p.double().cumsum(0)
@@ -192,9 +193,9 @@ def kmeans_seeds(x, k, generator=None, weight=None):
         # + 1e-12: rows equal to a centre keep a tiny chance, so a draw always exists
         candidates = draw((closest + 1e-12) * w, uniform[i])
         new_closest = torch.minimum(closest[:, None], squared_distances(x, x[candidates]))
-        best = (new_closest * w[:, None]).sum(0).argmin()
-        closest = new_closest[:, best]
-        centres = torch.cat([centres, candidates[best, None]])
+        best = (new_closest * w[:, None]).sum(0).argmin()[None]   # kept on the device: no wait
+        closest = new_closest.index_select(1, best)[:, 0]
+        centres = torch.cat([centres, candidates[best]])
     return x[centres]
 
 

@@ -163,12 +163,15 @@ def kmeans_seeds(x, k, generator=None, weight=None):
     return x[picks]
 
 
-def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False):
+def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False, seeding=kmeans_seeds):
     """K-means of the rows of x (N x D), in fp32 on x's device.
 
-    kmeans_seeds picks k centres, then `iters` Lloyd steps follow: a fixed number, so nothing
-    waits for a convergence test. A cluster left empty restarts at a far row (empty cluster j
-    takes the j-th farthest row from its centroid), so no centroid is ever NaN. k is capped at N.
+    `seeding` picks k centres (kmeans_seeds: D^2 seeding; any function with its signature
+    (x, k, generator, weight) -> k x D), then `iters` Lloyd steps follow: a fixed number, so
+    nothing waits for a convergence test. A cluster left empty restarts at a far row: the r-th
+    empty cluster (in index order) takes the r-th farthest row from its centroid, as scikit-learn
+    does, so no centroid is ever NaN or wasted: with distinct rows each restart holds a row again
+    at the next step (of clusters restarted on copies of one row, one does). k is capped at N.
     weight: optional N 0/1 floats; rows of weight 0 (absent superpixels) are never seeds and
     pull no centroid, yet get a label, so a caller keeps fixed shapes instead of selecting rows.
     deterministic: sum each cluster's rows with a one-hot matrix product (the same bits every
@@ -180,7 +183,7 @@ def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False):
     x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)   # a diverged net: no crash
     n, k = x.shape[0], min(k, x.shape[0])
     w = torch.ones(n, device=x.device) if weight is None else weight.float()
-    centroids = kmeans_seeds(x, k, generator, w)
+    centroids = seeding(x, k, generator, w)
     rows = torch.cat([x * w[:, None], w[:, None]], 1)                  # the rows and their count
     x_sq = (x * x).sum(1, keepdim=True)
     for _ in range(iters):
@@ -190,8 +193,9 @@ def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False):
         else:
             sums = torch.zeros(k, rows.shape[1], device=x.device).index_add_(0, labels, rows)
         count = sums[:, -1:]
-        farthest = x[(distance * w).topk(k).indices]
-        centroids = torch.where(count > 0, sums[:, :-1] / count.clamp_min(1), farthest)
+        empty = count[:, 0] == 0
+        farthest = x[(distance * w).topk(k).indices[(empty.cumsum(0) - 1).clamp_min(0)]]
+        centroids = torch.where(empty[:, None], farthest, sums[:, :-1] / count.clamp_min(1))
     return squared_distances(x, centroids, x_sq).argmin(1), centroids
 
 

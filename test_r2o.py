@@ -140,6 +140,75 @@ def test_kmeans_draws_its_numbers_on_the_generators_device():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+# the seedings kmeans can be given, by name in r2o: each test below holds every one of them
+SEEDINGS = ['kmeans_seeds']
+
+
+def unequal_blobs(generator):
+    """200 rows in 4 blobs of 185, 5, 5 and 5 rows (unit spread, 100 apart) and each row's blob."""
+    centres = torch.tensor([[0., 0.], [100., 0.], [0., 100.], [100., 100.]])
+    truth = torch.arange(4).repeat_interleave(torch.tensor([185, 5, 5, 5]))
+    return centres[truth] + torch.randn(200, 2, generator=generator), truth
+
+
+@pytest.mark.parametrize('seeding', SEEDINGS)
+def test_kmeans_seeding_is_d2_a_seed_lands_in_every_blob_however_small(seeding):
+    """D^2 seeding draws far rows: on blobs 100 apart, one holding 185 of the 200 rows, a seed
+    lands in every blob in nearly every draw (about 39 of 40). Uniform draws almost never manage
+    it (185/200 of the rows are in one blob), nor do draws in proportion to D (about 15 of 40)."""
+    x, truth = unequal_blobs(torch.Generator().manual_seed(0))
+    every_blob = 0
+    for trial in range(40):
+        seeds = getattr(r2o, seeding)(x, 4, torch.Generator().manual_seed(trial))
+        assert seeds.shape == (4, 2)
+        blobs = truth[torch.cdist(seeds, x).argmin(1)]
+        every_blob += len(blobs.unique()) == 4
+    assert every_blob >= 34, f'a seed in every blob in {every_blob} of 40 draws'
+
+
+@pytest.mark.parametrize('seeding', SEEDINGS)
+def test_kmeans_seeding_never_draws_rows_of_weight_zero_unless_too_few_others(seeding):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(60, 4, generator=g),
+                   1000 + torch.randn(20, 4, generator=g)])     # far: D^2 seeding's favourites
+    weight = torch.cat([torch.ones(60), torch.zeros(20)])
+    for trial in range(10):
+        seeds = getattr(r2o, seeding)(x, 8, torch.Generator().manual_seed(trial), weight)
+        assert seeds.shape == (8, 4) and (seeds.abs() < 100).all()
+    # fewer than k rows of weight 1: every one of them is a seed, and k centres still come back
+    weight = torch.zeros(80)
+    weight[[3, 30, 50]] = 1
+    for trial in range(10):
+        seeds = getattr(r2o, seeding)(x, 5, torch.Generator().manual_seed(trial), weight)
+        assert seeds.shape == (5, 4) and torch.isfinite(seeds).all()
+        assert torch.cdist(x[[3, 30, 50]], seeds).amin(1).max() == 0
+
+
+def test_kmeans_restarts_clusters_emptied_at_once_on_the_farthest_rows_one_each():
+    """Given centres 0 and 2 far from every row, both clusters are empty after the first
+    assignment: the first takes the row farthest from its centroid, the second the next one."""
+    x = torch.tensor([[float(i), 0.] for i in range(10)] + [[50., 0.]])
+    weight = torch.cat([torch.ones(10), torch.zeros(1)])        # (50, 0): would be the farthest
+    start = torch.tensor([[1000., 1000.], [0., 0.], [-1000., 1000.]])
+    _, centroids = r2o.kmeans(x, 3, iters=1, weight=weight, seeding=lambda *_: start)
+    assert torch.equal(centroids, torch.tensor([[9., 0.], [4.5, 0.], [8., 0.]]))
+    labels, centroids = r2o.kmeans(x, 3, iters=5, weight=weight, seeding=lambda *_: start)
+    assert sorted(labels[:10].bincount().tolist()) == [2, 3, 5] and torch.isfinite(centroids).all()
+
+
+@pytest.mark.parametrize('seeding', ['all_on_one_row', 'with_replacement', *SEEDINGS])
+def test_kmeans_clusters_end_non_empty_when_there_are_k_distinct_rows(seeding):
+    """However the centres start (here even all on one row), no cluster is left empty: 10
+    clusters of 12 distinct rows each end with rows of their own."""
+    seed = dict(all_on_one_row=lambda x, k, g, w: x[:1].repeat(k, 1),
+                with_replacement=lambda x, k, g, w: x[torch.randint(len(x), (k,), generator=g)])
+    seed = seed.get(seeding) or getattr(r2o, seeding)
+    for trial in range(10):
+        x = torch.randn(12, 3, generator=torch.Generator().manual_seed(trial))
+        labels, _ = r2o.kmeans(x, 10, 10, torch.Generator().manual_seed(trial), seeding=seed)
+        assert len(labels.unique()) == 10
+
+
 def test_kmeans_seeding_rounds_add_half_as_many_centres_as_there_are():
     assert r2o.seeding_rounds(128) == [1, 1, 1, 2, 3, 4, 6, 9, 14, 21, 31, 34]
     for k in range(1, 200):

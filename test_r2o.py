@@ -255,6 +255,36 @@ def test_refine_clusters_the_whole_batch_together():
     assert labels[0, 0, 0] != labels[0, 0, 7]
 
 
+def same_partition(a, b):
+    """Whether two labellings group the same things together (cluster ids may differ)."""
+    pairs = set(zip(a.flatten().tolist(), b.flatten().tolist()))
+    return len(pairs) == len({p for p, _ in pairs}) == len({q for _, q in pairs})
+
+
+def test_refine_clusters_superpixels_by_the_direction_of_their_features():
+    """Each superpixel's pooled feature is L2-normalised before k-means: scaling the features of
+    each superpixel by its own factor changes nothing, while without the normalisation the
+    superpixels' magnitudes take over. Two images of 16 superpixels, each a 2 x 2 block of the
+    8 x 8 feature map (so each pools exactly its own scaled cells), of two kinds: features along
+    e1 or along e2; half of the e1 kind scaled by 100."""
+    g = torch.Generator().manual_seed(0)
+    kind = torch.randint(0, 2, (2, 16), generator=g)
+    kind[:, :2] = torch.tensor([0, 1])                            # both kinds in each image
+    ids = torch.stack([torch.randperm(16, generator=g) for _ in range(2)])   # any numbering
+    cells = ids.view(2, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2)   # B x 8 x 8
+    superpixels = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)         # B x 16 x 16
+    features = F.one_hot(kind.gather(1, cells.flatten(1)), 4).float().view(2, 8, 8, 4)
+    features = (features + 0.05 * torch.rand(2, 8, 8, 4, generator=g)).permute(0, 3, 1, 2)
+    scale = torch.where((kind == 0) & (torch.arange(16) % 2 == 0), 100.0, 1.0)  # by superpixel id
+    scale = scale * (0.5 + torch.rand(2, 16, generator=g))
+    scaled = features * scale.gather(1, cells.flatten(1)).view(2, 1, 8, 8)
+    by_kind = kind.gather(1, superpixels.flatten(1)).view_as(superpixels)
+    refine = lambda f, **kw: r2o.refine(f, superpixels, 2, 10, torch.Generator().manual_seed(1), **kw)
+    assert same_partition(refine(features), by_kind)
+    assert same_partition(refine(scaled), by_kind)
+    assert not same_partition(refine(scaled, normalize=False), by_kind)
+
+
 def test_view_masks_cut_the_crop_and_follow_the_flip():
     labels = torch.zeros(1, 8, 8, dtype=torch.long)
     labels[0, :, 4:] = 1                                 # cluster 1 = right half

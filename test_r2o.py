@@ -1964,7 +1964,7 @@ def test_download_refuses_a_bad_archive_in_one_line_leaving_the_folder_as_it_was
     bad = 'segmentations.tgz' if fault == 'damaged' else 'CUB_200_2011.tgz'
     assert bad in out.stderr
     expected = dict(damaged='damaged', truncated='damaged',
-                    escaping="refused, member '../evil.txt' has '..' in its path")[fault]
+                    escaping="refused, '../evil.txt' would be extracted to")[fault]
     assert expected in out.stderr
     assert listing(root) == before
     assert not (tmp_path / 'evil.txt').exists()
@@ -1972,12 +1972,12 @@ def test_download_refuses_a_bad_archive_in_one_line_leaving_the_folder_as_it_was
 
 def tgz_with(path, *members):
     """A .tgz of 'good.txt' followed by `members`: (name, kind, link target) with kind 'file',
-    'symlink' or 'hardlink'."""
+    'symlink', 'hardlink' or 'device' (a character device)."""
     with tarfile.open(path, 'w:gz') as tar:
         for name, kind, target in (('good.txt', 'file', None), *members):
             info = tarfile.TarInfo(name)
             info.type = dict(file=tarfile.REGTYPE, symlink=tarfile.SYMTYPE,
-                             hardlink=tarfile.LNKTYPE)[kind]
+                             hardlink=tarfile.LNKTYPE, device=tarfile.CHRTYPE)[kind]
             info.linkname = target or ''
             body = b'data' if kind == 'file' else b''
             info.size = len(body)
@@ -1986,31 +1986,57 @@ def tgz_with(path, *members):
 
 
 @pytest.mark.parametrize('member, problem', [
-    (('/tmp/evil.txt', 'file', None), 'an absolute path'),
-    (('../evil.txt', 'file', None), "'..' in its path"),
-    (('a/../../evil.txt', 'file', None), "'..' in its path"),
-    (('link', 'symlink', '/etc/passwd'), 'a link to an absolute path'),
-    (('a/link', 'symlink', '../../evil.txt'), 'a link pointing outside'),
-    (('hard', 'hardlink', '../evil.txt'), 'a link pointing outside'),
-    (('up/evil.txt', 'file', None), 'a path through a link'),
+    (('/tmp/evil.txt', 'file', None), 'has an absolute path'),
+    (('../evil.txt', 'file', None), 'would be extracted to .*outside the destination'),
+    (('a/../../evil.txt', 'file', None), 'would be extracted to .*outside the destination'),
+    (('link', 'symlink', '/etc/passwd'), 'is a link to an absolute path'),
+    (('a/link', 'symlink', '../../evil.txt'), 'would link to .*outside the destination'),
+    (('hard', 'hardlink', '../evil.txt'), 'would link to .*outside the destination'),
+    (('dev', 'device', None), 'is a special file'),
 ])
 def test_download_refuses_tar_members_escaping_the_folder_before_writing_anything(
         tmp_path, member, problem):
-    extra = [('up', 'symlink', '.')] if problem == 'a path through a link' else []
-    archive = tgz_with(tmp_path / 'bad.tgz', *extra, member)
+    archive = tgz_with(tmp_path / 'bad.tgz', member)
     dest = tmp_path / 'dest'
     dest.mkdir()
     facts = dict(members=('good.txt',))
-    for step in (lambda: eval_cub.check_archive(archive, facts),
+    for step in (lambda: eval_cub.check_archive(archive, facts, dest),
                  lambda: eval_cub.safe_extract(archive, dest)):
-        with pytest.raises(data.DataError, match=f'refused, member {member[0]!r} has {problem}'):
+        with pytest.raises(data.DataError, match=f'refused, .*{re.escape(repr(member[0]))} '
+                                                 f'{problem}.*nothing was unpacked'):
             step()
     assert os.listdir(dest) == []                         # not even good.txt, which came first
+    assert sorted(os.listdir(tmp_path)) == ['bad.tgz', 'dest']
     # a link that stays inside is fine
     archive = tgz_with(tmp_path / 'ok.tgz', ('a/link', 'symlink', '../good.txt'))
-    eval_cub.check_archive(archive, facts)
+    eval_cub.check_archive(archive, facts, dest)
     assert eval_cub.safe_extract(archive, dest) == ['a', 'good.txt']
     assert (dest / 'a' / 'link').read_bytes() == b'data'
+
+
+def test_download_refuses_a_link_leading_out_through_a_link_unpacked_before_it(tmp_path):
+    """'a' -> '.' then 'a/b' -> '..': by their names both stay inside, but once 'a' is unpacked,
+    'a/b' points out of the folder. Python's filter refuses it as it unpacks, and nothing is kept."""
+    archive = tgz_with(tmp_path / 'bad.tgz', ('a', 'symlink', '.'), ('a/b', 'symlink', '..'),
+                       ('a/b/evil.txt', 'file', None))
+    dest = tmp_path / 'dest'
+    dest.mkdir()
+    with pytest.raises(data.DataError, match="refused, 'a/b' would link to .*outside the "
+                                             'destination.*nothing was unpacked'):
+        eval_cub.safe_extract(archive, dest)
+    assert os.listdir(dest) == [] and sorted(os.listdir(tmp_path)) == ['bad.tgz', 'dest']
+
+
+def test_download_on_a_python_without_tar_filters_is_one_line_naming_the_version(
+        tmp_path, monkeypatch):
+    urls = count_downloads(monkeypatch)
+    monkeypatch.setenv(eval_cub.CUB_MIRROR_VARIABLE, str(tmp_path / 'mirror'))   # never the network
+    monkeypatch.delattr(tarfile, 'data_filter')
+    root = tmp_path / 'datasets'
+    with pytest.raises(data.DataError, match=r"--download needs Python 3\.10\.12\+, 3\.11\.4\+ or "
+                                             r"3\.12\+ \(tarfile's filter='data'"):
+        eval_cub.fetch_cub(root)
+    assert urls == [] and not root.exists()
 
 
 def test_a_missing_cub_without_download_is_one_line_giving_the_command(tmp_path):

@@ -424,42 +424,35 @@ def cached_weights(url):
     return download(url, path, resume=False)
 
 
-def member_problems(members):
-    """(name, problem) for each tar member that must not be unpacked, before anything is: an
-    absolute path, a '..' component, a link pointing outside the archive's folder or to an
-    absolute path, a path through a link, a device file (tar path traversal)."""
-    links = {posixpath.normpath(m.name) for m in members if m.issym()}
-    problems = []
-    for m in members:
-        name = m.name.replace('\\', '/')
-        parts = name.split('/')
-        if name.startswith('/') or re.match(r'[A-Za-z]:', name):
-            problems.append((m.name, 'an absolute path'))
-        elif '..' in parts:
-            problems.append((m.name, "'..' in its path"))
-        elif any('/'.join(parts[:i]) in links for i in range(1, len(parts))):
-            problems.append((m.name, 'a path through a link'))     # the link may lead anywhere
-        elif m.issym() or m.islnk():
-            target = m.linkname.replace('\\', '/')
-            # a symbolic link is relative to its folder, a hard link to the archive's top
-            base = posixpath.dirname(name) if m.issym() else ''
-            if target.startswith('/') or re.match(r'[A-Za-z]:', target):
-                problems.append((m.name, f'a link to an absolute path ({target})'))
-            elif posixpath.normpath(posixpath.join(base, target)).split('/')[0] == '..':
-                problems.append((m.name, f'a link pointing outside ({target})'))
-        elif m.isdev():
-            problems.append((m.name, 'a device file'))
-    return problems
+# Python's tarfile judges each member (filter='data', PEP 706: Python 3.10.12+, 3.11.4+, 3.12+):
+# it refuses one that would land outside the folder, a link to an absolute path or pointing
+# outside, a device file. On an older Python --download stops in one line before fetching.
+TAR_FILTER_PYTHONS = '3.10.12+, 3.11.4+ or 3.12+'
 
 
-def refuse_unsafe_members(members, archive):
-    """A DataError naming the first member of `archive` that member_problems finds, if any."""
-    problems = member_problems(members)
-    if problems:
-        name, problem = problems[0]
-        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
-        raise data.DataError(f'{archive}: refused, member {name!r} has {problem}{more}: unsafe '
-                             'to unpack; nothing was unpacked')
+def require_tar_filter():
+    """A one-line DataError where this Python's tarfile lacks filter='data'."""
+    if not hasattr(tarfile, 'data_filter'):
+        raise data.DataError(
+            f"--download needs Python {TAR_FILTER_PYTHONS} (tarfile's filter='data', which unpacks "
+            f'an archive safely); this is Python {sys.version.split()[0]}: run it with a newer '
+            'Python, or unpack CUB-200-2011 yourself and give --data its folder')
+
+
+def refuse_unsafe_members(members, archive, dest):
+    """A DataError naming the first member of `archive` that must not be unpacked into the folder
+    `dest` (which need not exist yet), if any: one tarfile's data filter refuses, or one whose
+    name it would rewrite (an absolute path: it drops the leading /). Judged by the names alone,
+    before anything is written; safe_extract filters again as it writes, when a link unpacked
+    before a member is followed."""
+    require_tar_filter()
+    for member in members:
+        try:
+            if tarfile.data_filter(member, str(dest)).name != member.name:
+                raise tarfile.AbsolutePathError(member)
+        except tarfile.FilterError as e:
+            raise data.DataError(f'{archive}: refused, {one_line(e)}: unsafe to unpack; nothing '
+                                 'was unpacked') from None
 
 
 def file_digest(path, algorithm):
@@ -471,13 +464,14 @@ def file_digest(path, algorithm):
     return digest.hexdigest()
 
 
-def check_archive(path, facts):
+def check_archive(path, facts, dest=None):
     """Refuse an archive that is not the expected one, before anything is unpacked. One DataError
     naming the file, else None.
 
     facts: an entry of CUB_ARCHIVES. Its size and checksums where known; then the whole gzip
     stream is read (a truncated or damaged file fails here: gzip checks its CRC at the end), every
-    member must be safe (member_problems) and every expected member present."""
+    member must be safe to unpack into the folder `dest` (refuse_unsafe_members; default: the
+    archive's own folder) and every expected member present."""
     path = Path(path)
     size = path.stat().st_size
     if facts.get('size') is not None and size != facts['size']:
@@ -495,7 +489,7 @@ def check_archive(path, facts):
     except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
         raise data.DataError(f'{path}: damaged, not a complete .tgz archive '
                              f'({one_line(e)})') from None
-    refuse_unsafe_members(members, path)
+    refuse_unsafe_members(members, path, path.parent if dest is None else dest)
     names = {posixpath.normpath(m.name) for m in members}
     missing = [want for want in facts['members'] if not (
         want.rstrip('/') in names or want.endswith('/') and any(n.startswith(want) for n in names))]
@@ -506,10 +500,11 @@ def check_archive(path, facts):
 def safe_extract(archive, dest):
     """Unpack a .tgz into the folder `dest`, all or nothing.
 
-    Every member is checked (member_problems) before anything is written; the archive is unpacked
-    into a temporary folder inside dest (a killed run's one is removed first) and each top-level
-    entry is then renamed into dest, so dest never holds half an entry. An entry dest already has
-    is kept, not replaced. Returns the names of the entries added."""
+    Every member is checked (refuse_unsafe_members) before anything is written; the archive is
+    unpacked with tarfile's filter='data' into a temporary folder inside dest (a killed run's one
+    is removed first) and each top-level entry is then renamed into dest, so dest never holds half
+    an entry. An entry dest already has is kept, not replaced. Returns the names of the entries
+    added."""
     archive, dest = Path(archive), Path(dest)
     temporary = dest / f'.{archive.name}.unpacking'
     shutil.rmtree(temporary, ignore_errors=True)
@@ -517,15 +512,16 @@ def safe_extract(archive, dest):
     try:
         with tarfile.open(archive, 'r:gz') as tar:
             members = tar.getmembers()
-            refuse_unsafe_members(members, archive)
+            refuse_unsafe_members(members, archive, temporary)
             temporary.mkdir(parents=True)
-            # Python's own check of each member as it is written, where this Python has it
-            tar.extractall(temporary, members,
-                           **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
+            tar.extractall(temporary, members, filter='data')
         for entry in sorted(temporary.iterdir()):
             if not (dest / entry.name).exists():
                 entry.rename(dest / entry.name)
                 added.append(entry.name)
+    except tarfile.FilterError as e:        # through a link unpacked before it: nothing is kept
+        raise data.DataError(f'{archive}: refused, {one_line(e)}: unsafe to unpack; nothing was '
+                             'unpacked') from None
     except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
         raise data.DataError(f'{archive}: could not unpack it into {dest} ({one_line(e)})') from None
     finally:
@@ -559,6 +555,7 @@ def fetch_cub(root):
         return found
     except data.DataError:
         pass
+    require_tar_filter()
     if root.exists() and not root.is_dir():
         raise data.DataError(f'--data {root}: not a folder')
     cub = root / 'CUB_200_2011'
@@ -589,7 +586,7 @@ def fetch_cub(root):
                 downloaded.append(path)
             print(f'checking {path}', flush=True)
             try:
-                check_archive(path, facts)
+                check_archive(path, facts, root if facts['into'] == 'root' else cub)
             except data.DataError as e:
                 raise data.DataError(f'{e}; ' + ('it was removed: run the same command again to '
                                      'download it afresh' if path in downloaded else

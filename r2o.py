@@ -170,14 +170,13 @@ def kmeans_seeds(x, k, generator=None, weight=None):
     The first centre is a row drawn uniformly. Each next one is drawn in proportion to D^2, the
     squared distance of a row to its nearest centre so far; greedy: 2 + ln k candidates are drawn
     and the one that leaves the smallest total D^2 is kept.
-    weight: N 0/1 floats; rows of weight 0 are never drawn (unless fewer than k others exist) and
-    do not count in the total. The random numbers come from the generator's device (the CPU for
+    weight: N 0/1 floats; rows of weight 0 are never drawn and do not count in the total (with
+    fewer than k rows of weight 1, each of them is a centre and the rest repeat them). The random numbers come from the generator's device (the CPU for
     torch.Generator()), so a CPU generator draws the same numbers on every device.
     Uses: squared_distances.
     """
     n = x.shape[0]
     w = torch.ones(n, device=x.device) if weight is None else weight.float()
-    w = torch.where(w.sum() >= k, w, torch.ones_like(w))          # too few weighted rows: all
     trials = 2 + int(math.log(k))
     uniform = torch.rand(k, trials, generator=generator,
                          device=generator.device if generator is not None else x.device
@@ -202,12 +201,14 @@ def kmeans_seeds(x, k, generator=None, weight=None):
 def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False, seeding=kmeans_seeds):
     """K-means of the rows of x (N x D), in fp32 on x's device.
 
-    `seeding` picks k centres (kmeans_seeds: greedy k-means++), then `iters` Lloyd steps follow:
-    a fixed number, so nothing waits for a convergence test on the GPU. The reference iterates
-    until the inertia changes by less than 1e-6, at most 200 steps (what that costs and gains
-    over 30 steps: bench.py, part 3, "Lloyd steps to convergence").
-    A cluster left empty restarts at a far row (empty cluster j takes the j-th farthest row from
-    its centroid), so no centroid is ever NaN. k is capped at N.
+    `seeding` picks k centres (kmeans_seeds: greedy k-means++; any function with its signature
+    (x, k, generator, weight) -> k x D), then `iters` Lloyd steps follow: a fixed number, so
+    nothing waits for a convergence test on the GPU. The reference iterates until the inertia
+    changes by less than 1e-6, at most 200 steps (what that costs and gains over 30 steps:
+    bench.py, part 3). A cluster left empty restarts at a far row: the r-th empty cluster (in
+    index order) takes the r-th farthest row from its centroid, as scikit-learn does, so no
+    centroid is ever NaN or wasted: with distinct rows each restart holds a row again at the
+    next step (of clusters restarted on copies of one row, one does). k is capped at N.
     weight: optional N 0/1 floats; rows of weight 0 (absent superpixels) are never seeds and
     pull no centroid, yet get a label, so a caller keeps fixed shapes instead of selecting rows.
     deterministic: sum each cluster's rows with a one-hot matrix product (the same bits every
@@ -229,8 +230,9 @@ def kmeans(x, k, iters=30, generator=None, weight=None, deterministic=False, see
         else:
             sums = torch.zeros(k, rows.shape[1], device=x.device).index_add_(0, labels, rows)
         count = sums[:, -1:]
-        farthest = x[(distance * w).topk(k).indices]
-        centroids = torch.where(count > 0, sums[:, :-1] / count.clamp_min(1), farthest)
+        empty = count[:, 0] == 0
+        farthest = x[(distance * w).topk(k).indices[(empty.cumsum(0) - 1).clamp_min(0)]]
+        centroids = torch.where(empty[:, None], farthest, sums[:, :-1] / count.clamp_min(1))
     return squared_distances(x, centroids, x_sq).argmin(1), centroids
 
 

@@ -140,6 +140,75 @@ def test_kmeans_draws_its_numbers_on_the_generators_device():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+# the seedings kmeans can be given, by name in r2o: each test below holds every one of them
+SEEDINGS = ['kmeans_seeds', 'kmeans_seeds_in_rounds']   # the method's, and --kmeans-seeding rounds
+
+
+def unequal_blobs(generator):
+    """200 rows in 4 blobs of 185, 5, 5 and 5 rows (unit spread, 100 apart) and each row's blob."""
+    centres = torch.tensor([[0., 0.], [100., 0.], [0., 100.], [100., 100.]])
+    truth = torch.arange(4).repeat_interleave(torch.tensor([185, 5, 5, 5]))
+    return centres[truth] + torch.randn(200, 2, generator=generator), truth
+
+
+@pytest.mark.parametrize('seeding', SEEDINGS)
+def test_kmeans_seeding_is_d2_a_seed_lands_in_every_blob_however_small(seeding):
+    """D^2 seeding draws far rows: on blobs 100 apart, one holding 185 of the 200 rows, a seed
+    lands in every blob in nearly every draw (about 39 of 40). Uniform draws almost never manage
+    it (185/200 of the rows are in one blob), nor do draws in proportion to D (about 15 of 40)."""
+    x, truth = unequal_blobs(torch.Generator().manual_seed(0))
+    every_blob = 0
+    for trial in range(40):
+        seeds = getattr(r2o, seeding)(x, 4, torch.Generator().manual_seed(trial))
+        assert seeds.shape == (4, 2)
+        blobs = truth[torch.cdist(seeds, x).argmin(1)]
+        every_blob += len(blobs.unique()) == 4
+    assert every_blob >= 34, f'a seed in every blob in {every_blob} of 40 draws'
+
+
+@pytest.mark.parametrize('seeding', SEEDINGS)
+def test_kmeans_seeding_never_draws_rows_of_weight_zero_unless_too_few_others(seeding):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(60, 4, generator=g),
+                   1000 + torch.randn(20, 4, generator=g)])     # far: D^2 seeding's favourites
+    weight = torch.cat([torch.ones(60), torch.zeros(20)])
+    for trial in range(10):
+        seeds = getattr(r2o, seeding)(x, 8, torch.Generator().manual_seed(trial), weight)
+        assert seeds.shape == (8, 4) and (seeds.abs() < 100).all()
+    # fewer than k rows of weight 1: every one of them is a seed, and k centres still come back
+    weight = torch.zeros(80)
+    weight[[3, 30, 50]] = 1
+    for trial in range(10):
+        seeds = getattr(r2o, seeding)(x, 5, torch.Generator().manual_seed(trial), weight)
+        assert seeds.shape == (5, 4) and torch.isfinite(seeds).all()
+        assert torch.cdist(x[[3, 30, 50]], seeds).amin(1).max() == 0
+
+
+def test_kmeans_restarts_clusters_emptied_at_once_on_the_farthest_rows_one_each():
+    """Given centres 0 and 2 far from every row, both clusters are empty after the first
+    assignment: the first takes the row farthest from its centroid, the second the next one."""
+    x = torch.tensor([[float(i), 0.] for i in range(10)] + [[50., 0.]])
+    weight = torch.cat([torch.ones(10), torch.zeros(1)])        # (50, 0): would be the farthest
+    start = torch.tensor([[1000., 1000.], [0., 0.], [-1000., 1000.]])
+    _, centroids = r2o.kmeans(x, 3, iters=1, weight=weight, seeding=lambda *_: start)
+    assert torch.equal(centroids, torch.tensor([[9., 0.], [4.5, 0.], [8., 0.]]))
+    labels, centroids = r2o.kmeans(x, 3, iters=5, weight=weight, seeding=lambda *_: start)
+    assert sorted(labels[:10].bincount().tolist()) == [2, 3, 5] and torch.isfinite(centroids).all()
+
+
+@pytest.mark.parametrize('seeding', ['all_on_one_row', 'with_replacement', *SEEDINGS])
+def test_kmeans_clusters_end_non_empty_when_there_are_k_distinct_rows(seeding):
+    """However the centres start (here even all on one row), no cluster is left empty: 10
+    clusters of 12 distinct rows each end with rows of their own."""
+    seed = dict(all_on_one_row=lambda x, k, g, w: x[:1].repeat(k, 1),
+                with_replacement=lambda x, k, g, w: x[torch.randint(len(x), (k,), generator=g)])
+    seed = seed.get(seeding) or getattr(r2o, seeding)
+    for trial in range(10):
+        x = torch.randn(12, 3, generator=torch.Generator().manual_seed(trial))
+        labels, _ = r2o.kmeans(x, 10, 10, torch.Generator().manual_seed(trial), seeding=seed)
+        assert len(labels.unique()) == 10
+
+
 def test_kmeans_seeding_rounds_add_half_as_many_centres_as_there_are():
     assert r2o.seeding_rounds(128) == [1, 1, 1, 2, 3, 4, 6, 9, 14, 21, 31, 34]
     for k in range(1, 200):
@@ -184,6 +253,36 @@ def test_refine_clusters_the_whole_batch_together():
     assert labels.shape == (2, 8, 8)
     assert (labels[0, :, :4] == labels[1, :, :4]).all() and (labels[0, :, 4:] == labels[1, :, 4:]).all()
     assert labels[0, 0, 0] != labels[0, 0, 7]
+
+
+def same_partition(a, b):
+    """Whether two labellings group the same things together (cluster ids may differ)."""
+    pairs = set(zip(a.flatten().tolist(), b.flatten().tolist()))
+    return len(pairs) == len({p for p, _ in pairs}) == len({q for _, q in pairs})
+
+
+def test_refine_clusters_superpixels_by_the_direction_of_their_features():
+    """Each superpixel's pooled feature is L2-normalised before k-means: scaling the features of
+    each superpixel by its own factor changes nothing, while without the normalisation the
+    superpixels' magnitudes take over. Two images of 16 superpixels, each a 2 x 2 block of the
+    8 x 8 feature map (so each pools exactly its own scaled cells), of two kinds: features along
+    e1 or along e2; half of the e1 kind scaled by 100."""
+    g = torch.Generator().manual_seed(0)
+    kind = torch.randint(0, 2, (2, 16), generator=g)
+    kind[:, :2] = torch.tensor([0, 1])                            # both kinds in each image
+    ids = torch.stack([torch.randperm(16, generator=g) for _ in range(2)])   # any numbering
+    cells = ids.view(2, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2)   # B x 8 x 8
+    superpixels = cells.repeat_interleave(2, 1).repeat_interleave(2, 2)         # B x 16 x 16
+    features = F.one_hot(kind.gather(1, cells.flatten(1)), 4).float().view(2, 8, 8, 4)
+    features = (features + 0.05 * torch.rand(2, 8, 8, 4, generator=g)).permute(0, 3, 1, 2)
+    scale = torch.where((kind == 0) & (torch.arange(16) % 2 == 0), 100.0, 1.0)  # by superpixel id
+    scale = scale * (0.5 + torch.rand(2, 16, generator=g))
+    scaled = features * scale.gather(1, cells.flatten(1)).view(2, 1, 8, 8)
+    by_kind = kind.gather(1, superpixels.flatten(1)).view_as(superpixels)
+    refine = lambda f, **kw: r2o.refine(f, superpixels, 2, 10, torch.Generator().manual_seed(1), **kw)
+    assert same_partition(refine(features), by_kind)
+    assert same_partition(refine(scaled), by_kind)
+    assert not same_partition(refine(scaled, normalize=False), by_kind)
 
 
 def test_view_masks_cut_the_crop_and_follow_the_flip():
@@ -1954,7 +2053,7 @@ def test_download_refuses_a_bad_archive_in_one_line_leaving_the_folder_as_it_was
     bad = 'segmentations.tgz' if fault == 'damaged' else 'CUB_200_2011.tgz'
     assert bad in out.stderr
     expected = dict(damaged='damaged', truncated='damaged',
-                    escaping="refused, member '../evil.txt' has '..' in its path")[fault]
+                    escaping="refused, '../evil.txt' would be extracted to")[fault]
     assert expected in out.stderr
     assert listing(root) == before
     assert not (tmp_path / 'evil.txt').exists()
@@ -1962,12 +2061,12 @@ def test_download_refuses_a_bad_archive_in_one_line_leaving_the_folder_as_it_was
 
 def tgz_with(path, *members):
     """A .tgz of 'good.txt' followed by `members`: (name, kind, link target) with kind 'file',
-    'symlink' or 'hardlink'."""
+    'symlink', 'hardlink' or 'device' (a character device)."""
     with tarfile.open(path, 'w:gz') as tar:
         for name, kind, target in (('good.txt', 'file', None), *members):
             info = tarfile.TarInfo(name)
             info.type = dict(file=tarfile.REGTYPE, symlink=tarfile.SYMTYPE,
-                             hardlink=tarfile.LNKTYPE)[kind]
+                             hardlink=tarfile.LNKTYPE, device=tarfile.CHRTYPE)[kind]
             info.linkname = target or ''
             body = b'data' if kind == 'file' else b''
             info.size = len(body)
@@ -1976,31 +2075,57 @@ def tgz_with(path, *members):
 
 
 @pytest.mark.parametrize('member, problem', [
-    (('/tmp/evil.txt', 'file', None), 'an absolute path'),
-    (('../evil.txt', 'file', None), "'..' in its path"),
-    (('a/../../evil.txt', 'file', None), "'..' in its path"),
-    (('link', 'symlink', '/etc/passwd'), 'a link to an absolute path'),
-    (('a/link', 'symlink', '../../evil.txt'), 'a link pointing outside'),
-    (('hard', 'hardlink', '../evil.txt'), 'a link pointing outside'),
-    (('up/evil.txt', 'file', None), 'a path through a link'),
+    (('/tmp/evil.txt', 'file', None), 'has an absolute path'),
+    (('../evil.txt', 'file', None), 'would be extracted to .*outside the destination'),
+    (('a/../../evil.txt', 'file', None), 'would be extracted to .*outside the destination'),
+    (('link', 'symlink', '/etc/passwd'), 'is a link to an absolute path'),
+    (('a/link', 'symlink', '../../evil.txt'), 'would link to .*outside the destination'),
+    (('hard', 'hardlink', '../evil.txt'), 'would link to .*outside the destination'),
+    (('dev', 'device', None), 'is a special file'),
 ])
 def test_download_refuses_tar_members_escaping_the_folder_before_writing_anything(
         tmp_path, member, problem):
-    extra = [('up', 'symlink', '.')] if problem == 'a path through a link' else []
-    archive = tgz_with(tmp_path / 'bad.tgz', *extra, member)
+    archive = tgz_with(tmp_path / 'bad.tgz', member)
     dest = tmp_path / 'dest'
     dest.mkdir()
     facts = dict(members=('good.txt',))
-    for step in (lambda: eval_cub.check_archive(archive, facts),
+    for step in (lambda: eval_cub.check_archive(archive, facts, dest),
                  lambda: eval_cub.safe_extract(archive, dest)):
-        with pytest.raises(data.DataError, match=f'refused, member {member[0]!r} has {problem}'):
+        with pytest.raises(data.DataError, match=f'refused, .*{re.escape(repr(member[0]))} '
+                                                 f'{problem}.*nothing was unpacked'):
             step()
     assert os.listdir(dest) == []                         # not even good.txt, which came first
+    assert sorted(os.listdir(tmp_path)) == ['bad.tgz', 'dest']
     # a link that stays inside is fine
     archive = tgz_with(tmp_path / 'ok.tgz', ('a/link', 'symlink', '../good.txt'))
-    eval_cub.check_archive(archive, facts)
+    eval_cub.check_archive(archive, facts, dest)
     assert eval_cub.safe_extract(archive, dest) == ['a', 'good.txt']
     assert (dest / 'a' / 'link').read_bytes() == b'data'
+
+
+def test_download_refuses_a_link_leading_out_through_a_link_unpacked_before_it(tmp_path):
+    """'a' -> '.' then 'a/b' -> '..': by their names both stay inside, but once 'a' is unpacked,
+    'a/b' points out of the folder. Python's filter refuses it as it unpacks, and nothing is kept."""
+    archive = tgz_with(tmp_path / 'bad.tgz', ('a', 'symlink', '.'), ('a/b', 'symlink', '..'),
+                       ('a/b/evil.txt', 'file', None))
+    dest = tmp_path / 'dest'
+    dest.mkdir()
+    with pytest.raises(data.DataError, match="refused, 'a/b' would link to .*outside the "
+                                             'destination.*nothing was unpacked'):
+        eval_cub.safe_extract(archive, dest)
+    assert os.listdir(dest) == [] and sorted(os.listdir(tmp_path)) == ['bad.tgz', 'dest']
+
+
+def test_download_on_a_python_without_tar_filters_is_one_line_naming_the_version(
+        tmp_path, monkeypatch):
+    urls = count_downloads(monkeypatch)
+    monkeypatch.setenv(eval_cub.CUB_MIRROR_VARIABLE, str(tmp_path / 'mirror'))   # never the network
+    monkeypatch.delattr(tarfile, 'data_filter')
+    root = tmp_path / 'datasets'
+    with pytest.raises(data.DataError, match=r"--download needs Python 3\.10\.12\+, 3\.11\.4\+ or "
+                                             r"3\.12\+ \(tarfile's filter='data'"):
+        eval_cub.fetch_cub(root)
+    assert urls == [] and not root.exists()
 
 
 def test_a_missing_cub_without_download_is_one_line_giving_the_command(tmp_path):

@@ -439,14 +439,32 @@ def require_tar_filter():
             'Python, or unpack CUB-200-2011 yourself and give --data its folder')
 
 
+# tarfile's data filter could be led out of the folder through links (CPython issue 135034)
+# until these releases; before them, a link member is refused outright (CUB's archives hold none).
+TAR_LINKS_SAFE = ((3, 10, 18), (3, 11, 13), (3, 12, 11), (3, 13, 4))
+
+
+def tar_links_safe(version=sys.version_info[:3]):
+    """Whether this Python's data filter judges link members safely (TAR_LINKS_SAFE)."""
+    return any(version[:2] == safe[:2] and version >= safe for safe in TAR_LINKS_SAFE) or \
+        version[:2] > TAR_LINKS_SAFE[-1][:2]
+
+
 def refuse_unsafe_members(members, archive, dest):
     """A DataError naming the first member of `archive` that must not be unpacked into the folder
     `dest` (which need not exist yet), if any: one tarfile's data filter refuses, or one whose
-    name it would rewrite (an absolute path: it drops the leading /). Judged by the names alone,
+    name it would rewrite (an absolute path: it drops the leading /), or, on a Python whose
+    filter could be led out through links (tar_links_safe), any link. Judged by the names alone,
     before anything is written; safe_extract filters again as it writes, when a link unpacked
     before a member is followed."""
     require_tar_filter()
+    links_safe = tar_links_safe()
     for member in members:
+        if (member.issym() or member.islnk()) and not links_safe:
+            raise data.DataError(
+                f'{archive}: refused, {member.name!r} is a link, which this Python\'s tarfile '
+                f'({sys.version.split()[0]}) cannot unpack safely (Python 3.10.18+, 3.11.13+, '
+                '3.12.11+ or 3.13.4+ can): unsafe to unpack; nothing was unpacked')
         try:
             if tarfile.data_filter(member, str(dest)).name != member.name:
                 raise tarfile.AbsolutePathError(member)

@@ -1396,6 +1396,34 @@ def test_fake_cuda_training_step_has_no_device_error_and_no_host_sync(tmp_path):
     assert model.target_encoder.conv1.weight.device.type == 'cuda'
 
 
+def test_mask_pictures_and_evaluation_cluster_with_the_runs_clustering(tmp_path, monkeypatch):
+    """The cluster= seam holds everywhere a run clusters: the mask pictures use the run's
+    clustering, and eval_cub.py the one --kmeans-seeding names (a stand-in seeding is called)."""
+    args, batch = tiny_batch(tmp_path, 'seam')
+    model = small_model()
+    calls = []
+
+    def stand_in(x, k, iters=30, generator=None, weight=None):
+        calls.append(k)
+        return torch.arange(x.shape[0]) % k, None
+    run = dict(r2o.run_constants(args, 0, 1, torch.device('cpu'), 1), cluster=stand_in)
+    vis = {name: batch[name][:2] for name in ('raw', 'superpixels')}
+    r2o.visualize(model, vis, 3, run, tmp_path / 'masks.png', 'seam')
+    assert calls == [3] and (tmp_path / 'masks.png').is_file()
+
+    seeded = []
+    monkeypatch.setitem(r2o.SEEDINGS, 'rounds',
+                        lambda x, k, g=None, w=None: seeded.append(k) or x[:k].clone())
+    eval_args = eval_cub.resolve_args(eval_cub.get_args_parser().parse_args(
+        ['--random-init', '--input-size', '64', '--kmeans-iters', '3', '--limit', '2',
+         '--kmeans-seeding', 'rounds']))
+    dataset, _ = eval_cub.build_set(eval_args)
+    eval_batch = eval_cub.collate([dataset[i] for i in range(2)])
+    eval_cub.cluster_batch(r2o.build_encoder('resnet18').eval(), eval_batch, eval_args,
+                           torch.device('cpu'), 0)
+    assert seeded == [eval_args.k, eval_args.k]                  # one k-means per image
+
+
 def test_fake_cuda_check_fails_on_a_host_sync(tmp_path, monkeypatch):
     """The check can fail: a .item() planted in the loss, and the merged empty rows (which count
     the rows on the host, and so are used on a CPU only), each stop it, naming the op and line."""

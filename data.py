@@ -67,18 +67,21 @@ def find_images(root):
     if (root / 'train').is_dir():
         root = root / 'train'
     files, skipped, scanned = [], [], set()
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
+    todo = [(root, True)]          # (path, whether a folder to scan), the next one last
+    while todo:                    # depth first, each folder in name order: files come sorted
+        path, is_folder = todo.pop()
+        if not is_folder:
+            files.append(path)
+            continue
         try:
-            st = os.stat(folder)
+            st = os.stat(path)
             if (st.st_dev, st.st_ino) in scanned:      # reached again through a link
                 continue
             scanned.add((st.st_dev, st.st_ino))
-            entries = list(os.scandir(folder))
+            entries = list(os.scandir(path))
         except OSError:                                # unreadable: passed over, as os.walk does
             continue
-        subfolders = []
+        found = []
         for entry in entries:
             try:
                 is_dir = entry.is_dir()                # a link: one stat of what it points to
@@ -86,27 +89,29 @@ def find_images(root):
             except OSError:                            # a loop of links, no permission
                 is_dir = is_file = False
             if is_dir:
-                subfolders.append(entry.name)
+                found.append((entry.name, True))
             elif not is_file:
                 if entry.is_symlink():
-                    skipped.append(Path(entry.path))
+                    skipped.append(path / entry.name)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                files.append(Path(entry.path))
+                found.append((entry.name, False))
+        subfolders = [name for name, is_dir in found if is_dir]
         held_out = sorted(d for d in subfolders if HELD_OUT.fullmatch(d.lower()))
         if held_out:
             train = sorted(d for d in subfolders if d.lower().startswith('train'))
-            example = Path(folder, train[0]) if train else '.../train2017'
+            example = path / train[0] if train else '.../train2017'
             raise DataError(f'--data {root} holds validation or test images ('
-                            f'{", ".join(str(Path(folder, d)) for d in held_out)}), and every image '
+                            f'{", ".join(str(path / d) for d in held_out)}), and every image '
                             f'under --data is trained on: point --data at the training folder '
                             f'(e.g. --data {example})')
-        stack += [os.path.join(folder, d) for d in sorted(subfolders, reverse=True)]
+        found.sort(reverse=True)
+        todo += [(path / name, is_dir) for name, is_dir in found]
     skipped.sort()
     if not files:
         raise DataError(f'--data {root}: no image files found (looked recursively for '
                         f'{", ".join(sorted(IMAGE_EXTENSIONS))})'
                         + (f'; {skipped_line(skipped)}' if skipped else ''))
-    return sorted(files), skipped
+    return files, skipped
 
 
 def skipped_line(skipped):

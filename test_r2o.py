@@ -754,6 +754,17 @@ def test_imagenet_layout_uses_the_train_folder(tmp_path):
     assert [p.parent.name for p in data.find_images(tmp_path)[0]] == ['n01', 'n02']
 
 
+
+def test_images_are_listed_in_path_order(tmp_path):
+    """The order (each image's index, the cache key) is sorted(paths), whatever the names:
+    files beside folders, names that sort around '/' ('n01-a', 'n01.b'), capitals."""
+    for name in ('n01/x.png', 'n01/sub/0.png', 'n01/sub.png', 'n01/a.png', 'n01-a/y.png',
+                 'n01.b/z.png', 'n01.png', 'A/r.jpg', 'a b/q.jpg'):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (4, 4)).save(tmp_path / name)
+    files, _ = data.find_images(tmp_path)
+    assert files == sorted(tmp_path.rglob('*.*g')) and len(files) == 9
+
 def image_tree(root, *folders):
     for folder in folders:
         (root / folder).mkdir(parents=True)
@@ -844,7 +855,16 @@ def test_a_cycle_of_links_is_scanned_once(tmp_path):
     (root / 'n01' / 'up').symlink_to(root)                        # a cycle inside --data
     (shared / 'n02' / 'back').symlink_to(root)                    # and one through a link
     (root / 'n03').symlink_to(shared / 'n02')                     # n02 again, by another name
-    files, skipped = data.find_images(root)
+
+    def endless(signum, frame):
+        raise RuntimeError('the scan follows the links round and round')
+    previous = signal.signal(signal.SIGALRM, endless)
+    signal.alarm(60)               # unguarded, the paths double with each round: 2^40 folders
+    try:
+        files, skipped = data.find_images(root)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert [str(p.relative_to(root)) for p in files] == ['n01/0.png', 'n01/1.png', 'n02/0.png',
                                                          'n02/1.png']
     assert skipped == []
@@ -926,20 +946,24 @@ def test_cache_never_changes_results(tmp_path):
 
 def test_cache_key_follows_the_paths_under_data_not_the_links_targets(tmp_path):
     """The same images reached through links (a linked dataset root, a folder of links to every
-    class) share the real copy's cache file. A linked subset has its own file: rows are indexed
-    by image index and the key hashes the whole file list, so its superpixels are computed again
-    (the same maps) and the full set's file is never touched."""
+    class, links to another copy of the images) share the real copy's cache file. A linked
+    subset has its own file: rows are indexed by image index and the key hashes the whole file
+    list, so its superpixels are computed again (the same maps) and the full set's file is
+    never touched."""
     full = png_classes(tmp_path / 'imagenet' / 'train', {'n01': 2, 'n02': 2, 'n03': 2})
+    shutil.copytree(tmp_path / 'imagenet', tmp_path / 'copy')     # the same set on another disk
     (tmp_path / 'alias').symlink_to(tmp_path / 'imagenet')
-    for name, classes in (('linked', ('n01', 'n02', 'n03')), ('in100', ('n01', 'n02'))):
+    for name, target, classes in (('linked', full, ('n01', 'n02', 'n03')),
+                                  ('in100', full, ('n01', 'n02')),
+                                  ('in100-copy', tmp_path / 'copy' / 'train', ('n01', 'n02'))):
         (tmp_path / name / 'train').mkdir(parents=True)
         for c in classes:
-            (tmp_path / name / 'train' / c).symlink_to(full / c)
+            (tmp_path / name / 'train' / c).symlink_to(target / c)
     ds = {name: data.ImageFolderDataset(tmp_path / name, image_size=32, n_segments=10,
                                         cache_dir=tmp_path / 'cache')
-          for name in ('imagenet', 'alias', 'linked', 'in100')}
+          for name in ('imagenet', 'alias', 'linked', 'in100', 'in100-copy')}
     assert ds['alias'].cache.path == ds['linked'].cache.path == ds['imagenet'].cache.path
-    assert ds['in100'].cache.path != ds['imagenet'].cache.path
+    assert ds['in100-copy'].cache.path == ds['in100'].cache.path != ds['imagenet'].cache.path
     for i in range(len(ds['in100'])):
         ds['in100'][(0, i)]
     assert not ds['imagenet'].cache.path.exists()

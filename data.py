@@ -55,7 +55,8 @@ def find_images(root):
 
     A subset made of links (imagenet100/train/n01440764 -> /data/imagenet/train/n01440764) is
     scanned like a real copy. A folder reached a second time (a link back to a folder above it,
-    or two links to one folder) is scanned once, so the scan ends and each image is listed once.
+    or two links to one folder) is scanned once, by the first path in sorted order, so the scan
+    ends and no folder's images are listed twice (a link to a single file is listed as found).
     A folder of held-out images below it (`HELD_OUT`: val, test2017, ..., real or a link) stops
     the scan with a DataError: a dataset root that holds train and val one level down (the
     authors' imagenet/images/{train,val}, COCO's coco/{train2017,val2017}) would train on both.

@@ -47,33 +47,83 @@ HELD_OUT = re.compile(r'(val|valid|validation|test|testing)([^a-z].*)?')
 
 
 def find_images(root):
-    """Every image file under `root` (or `root/train` when it exists), sorted, recursively.
+    """Every image file under `root` (or `root/train` when it exists), recursively, following
+    symbolic links to folders and files as torchvision's ImageFolder does. Returns (files,
+    skipped), both sorted: the image paths as reached from `root` (links not resolved), and the
+    links that lead to no file or folder (a moved file, a class folder on an unmounted disk).
 
-    A folder of held-out images below it (`HELD_OUT`: val, test2017, ...) stops the scan with a
-    DataError: a dataset root that holds train and val one level down (the authors'
-    imagenet/images/{train,val}, COCO's coco/{train2017,val2017}) would train on both. One pass,
-    no stat per file (os.walk reads the entry types with the names)."""
+    A subset made of links (imagenet100/train/n01440764 -> /data/imagenet/train/n01440764) is
+    scanned like a real copy. A folder reached a second time (a link back to a folder above it,
+    or two links to one folder) is scanned once, by the first path in sorted order, so the scan
+    ends and no folder's images are listed twice (a link to a single file is listed as found).
+    A folder of held-out images below it (`HELD_OUT`: val, test2017, ..., real or a link) stops
+    the scan with a DataError: a dataset root that holds train and val one level down (the
+    authors' imagenet/images/{train,val}, COCO's coco/{train2017,val2017}) would train on both.
+    One pass; a stat per folder and per link, none per plain file (os.scandir reads the entry
+    types with the names)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f'--data {root}: no such folder')
     if (root / 'train').is_dir():
         root = root / 'train'
-    files = []
-    for folder, subfolders, names in os.walk(root):
+    files, skipped, scanned = [], [], set()
+    todo = [(root, True)]          # (path, whether a folder to scan), the next one last
+    while todo:                    # depth first, each folder in name order: files come sorted
+        path, is_folder = todo.pop()
+        if not is_folder:
+            files.append(path)
+            continue
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in scanned:      # reached again through a link
+                continue
+            scanned.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(path))
+        except OSError:                                # unreadable: passed over, as os.walk does
+            continue
+        found = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()                # a link: one stat of what it points to
+                is_file = not is_dir and entry.is_file()
+            except OSError:                            # a loop of links, no permission
+                is_dir = is_file = False
+            if is_dir:
+                found.append((entry.name, True))
+            elif not is_file:
+                if entry.is_symlink():
+                    skipped.append(path / entry.name)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append((entry.name, False))
+        subfolders = [name for name, is_dir in found if is_dir]
         held_out = sorted(d for d in subfolders if HELD_OUT.fullmatch(d.lower()))
         if held_out:
             train = sorted(d for d in subfolders if d.lower().startswith('train'))
-            example = Path(folder, train[0]) if train else '.../train2017'
+            example = path / train[0] if train else '.../train2017'
             raise DataError(f'--data {root} holds validation or test images ('
-                            f'{", ".join(str(Path(folder, d)) for d in held_out)}), and every image '
+                            f'{", ".join(str(path / d) for d in held_out)}), and every image '
                             f'under --data is trained on: point --data at the training folder '
                             f'(e.g. --data {example})')
-        folder = Path(folder)
-        files += [folder / n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+        found.sort(reverse=True)
+        todo += [(path / name, is_dir) for name, is_dir in found]
+    skipped.sort()
     if not files:
-        raise DataError(f'--data {root}: no image files found '
-                        f'(looked recursively for {", ".join(sorted(IMAGE_EXTENSIONS))})')
-    return sorted(files)
+        raise DataError(f'--data {root}: no image files found (looked recursively for '
+                        f'{", ".join(sorted(IMAGE_EXTENSIONS))})'
+                        + (f'; {skipped_line(skipped)}' if skipped else ''))
+    return files, skipped
+
+
+def skipped_line(skipped):
+    """One line on the links `find_images` skipped: how many, and the first with its target."""
+    first = skipped[0]
+    try:
+        target = f' -> {os.readlink(first)}'
+    except OSError:
+        target = ''
+    return (f'skipped {len(skipped)} link{"s" if len(skipped) > 1 else ""} under --data that '
+            f'lead{"" if len(skipped) > 1 else "s"} to no file or folder (moved, or on a disk '
+            f'not mounted?), e.g. {first}{target}')
 
 
 def to_rgb(img):
@@ -394,6 +444,7 @@ class R2ODataset(Dataset):
     Indexed by (epoch, index) pairs (see `EpochSampler`) so that augmentation depends on the
     epoch without any state in the (possibly persistent) loader workers.
     """
+    skipped = ()     # entries left out as not images (ImageFolderDataset: links to nothing)
 
     def __init__(self, superpixel_map, image_size=224, n_segments=100, slic_compactness=10.0,
                  slic_sigma=0.0, slic_input='rgb', flip_p=0.5, cache_dir=None, seed=0,
@@ -481,7 +532,7 @@ class ImageFolderDataset(R2ODataset):
 
     def __init__(self, root, **kwargs):
         self.root = Path(root)
-        self.files = find_images(root)
+        self.files, self.skipped = find_images(root)
         super().__init__(**kwargs)
 
     def __len__(self):
@@ -494,6 +545,7 @@ class ImageFolderDataset(R2ODataset):
         return str(self.files[index])
 
     def identity(self):
+        # paths as reached from the root, links not resolved: the key follows what --data shows
         return [str(p.relative_to(self.root)) for p in self.files]
 
 

@@ -955,7 +955,8 @@ def resolve_args(args):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.output_dir is None:
-        name = 'synthetic' if args.data == 'synthetic' else Path(args.data).resolve().name
+        # the name as given, a link not resolved: --data imagenet100 -> runs/imagenet100-...
+        name = 'synthetic' if args.data == 'synthetic' else Path(os.path.abspath(args.data)).name
         sched = args.k_schedule + (str(args.k_max) if args.k_schedule == 'constant' else '')
         args.output_dir = str(Path('runs') / f'{name}-{sched}')
     if args.image_size % STRIDE[POOL_LAYER]:
@@ -1006,20 +1007,23 @@ def run_constants(args, rank, world, device, steps_per_epoch):
                 last_epoch=args.epochs)
 
 
-def startup_lines(args, run, n_images, steps_per_epoch, device):
+def startup_lines(args, run, n_images, steps_per_epoch, device, skipped=()):
     """What the run will do, and on a dataset run how its batch, lr and EMA compare with the
-    paper's (global batch 4096, lr 4.8 x K/16, EMA 0.99 per step)."""
+    paper's (global batch 4096, lr 4.8 x K/16, EMA 0.99 per step). skipped: the dataset's
+    entries that are not images (links to nothing), named in one line."""
     B, world = run['global_batch'], run['world']
     k16 = ' x K/16' if args.lr_k_scale else ''
     momentum = args.ema ** run['ema_batch_ratio']
     lines = [f'{n_images} images, {world} process(es) x batch {args.batch_size} = global batch {B}, '
              f'{steps_per_epoch} steps/epoch, device {device}'
              f'{", bf16 autocast" if run["bf16"] else ", fp32"}'
-             f'{", deterministic" if args.deterministic else ""}',
-             f'this run:  global batch {B:>4}, lr {args.lr:g} x {B}/256 = {args.lr * B / 256:.4g}{k16}, '
-             f'EMA momentum {momentum:.5f} per step at the start'
-             + (f' ({args.ema:g}^({B}/{PAPER_GLOBAL_BATCH}): the paper\'s horizon in images)'
-                if args.ema_batch_scale else ' (--ema per step, not scaled to the batch)')]
+             f'{", deterministic" if args.deterministic else ""}']
+    if skipped:
+        lines.append(data.skipped_line(skipped))
+    lines += [f'this run:  global batch {B:>4}, lr {args.lr:g} x {B}/256 = {args.lr * B / 256:.4g}{k16}, '
+              f'EMA momentum {momentum:.5f} per step at the start'
+              + (f' ({args.ema:g}^({B}/{PAPER_GLOBAL_BATCH}): the paper\'s horizon in images)'
+                 if args.ema_batch_scale else ' (--ema per step, not scaled to the batch)')]
     if args.data != 'synthetic':
         P = PAPER_GLOBAL_BATCH
         lines.append(f'the paper: global batch {P}, lr 0.3 x {P}/256 = {0.3 * P / 256:g} x K/16, '
@@ -1078,14 +1082,18 @@ def main(args):
     ddp, rank, world, device = setup_distributed(args)
     torch.manual_seed(args.seed % 2**63)        # the same initial weights on every rank
     output_dir = Path(args.output_dir)
+    ckpt_path = Path(args.resume) if args.resume else output_dir / 'checkpoint.pt'
+    if args.resume and not ckpt_path.is_file():
+        raise data.DataError(f'--resume {ckpt_path}: no such file')
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
         print('settings:\n' + '\n'.join(f'  {k}: {v}' for k, v in sorted(vars(args).items())),
               flush=True)
 
     # ===== preparing data =====
     dataset = build_dataset(args)
     sampler, loader = build_loader(dataset, args, rank, world, device)
+    if rank == 0:              # only now: a run refused above leaves nothing on disk
+        output_dir.mkdir(parents=True, exist_ok=True)
     vis = data.collate([dataset[(0, i)] for i in picture_indices(len(dataset))])
 
     # ===== building networks and optimizer =====
@@ -1100,13 +1108,11 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARSForeach(lars_param_groups(model), weight_decay=args.weight_decay)   # = LARS
     if rank == 0:
-        print('\n'.join(startup_lines(args, run, len(dataset), len(loader), device)), flush=True)
+        print('\n'.join(startup_lines(args, run, len(dataset), len(loader), device,
+                                       dataset.skipped)), flush=True)
 
     # ===== resume =====
     start_epoch, step = 0, 0
-    ckpt_path = Path(args.resume) if args.resume else output_dir / 'checkpoint.pt'
-    if args.resume and not ckpt_path.is_file():
-        raise data.DataError(f'--resume {ckpt_path}: no such file')
     if ckpt_path.is_file():
         start_epoch, step = load_checkpoint(ckpt_path, model, optimizer, args)
         if rank == 0:

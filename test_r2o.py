@@ -931,14 +931,26 @@ def test_missing_or_empty_folder_is_a_one_line_error(tmp_path):
         res = run_cli('r2o.py', '--data', str(tmp_path / folder), '--output-dir', str(tmp_path / 'o'))
         assert res.returncode == 2
         assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith('error:')
+        assert not (tmp_path / 'o').exists()                 # nothing left behind
 
 
 def test_imagenet_layout_uses_the_train_folder(tmp_path):
     for split in ('train/n01', 'train/n02', 'val/n01'):
         (tmp_path / split).mkdir(parents=True)
         Image.new('RGB', (20, 20)).save(tmp_path / split / 'a.jpg')
-    assert [p.parent.name for p in data.find_images(tmp_path)] == ['n01', 'n02']
+    assert [p.parent.name for p in data.find_images(tmp_path)[0]] == ['n01', 'n02']
 
+
+
+def test_images_are_listed_in_path_order(tmp_path):
+    """The order (each image's index, the cache key) is sorted(paths), whatever the names:
+    files beside folders, names that sort around '/' ('n01-a', 'n01.b'), capitals."""
+    for name in ('n01/x.png', 'n01/sub/0.png', 'n01/sub.png', 'n01/a.png', 'n01-a/y.png',
+                 'n01.b/z.png', 'n01.png', 'A/r.jpg', 'a b/q.jpg'):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (4, 4)).save(tmp_path / name)
+    files, _ = data.find_images(tmp_path)
+    assert files == sorted(tmp_path.rglob('*.*g')) and len(files) == 9
 
 def image_tree(root, *folders):
     for folder in folders:
@@ -959,16 +971,130 @@ def test_a_dataset_root_holding_validation_images_is_refused(tmp_path):
             data.find_images(root)
         assert all(str(root / folder) in str(e.value) for folder in held_out)
         assert f'--data {root / train}' in str(e.value)                  # what to give instead
-        assert len(data.find_images(root / train)) == len(list((root / train).rglob('*.jpg')))
+        assert len(data.find_images(root / train)[0]) == len(list((root / train).rglob('*.jpg')))
     for name in ('Val', 'valid', 'Validation', 'test', 'val_2014', 'test-dev'):
         with pytest.raises(data.DataError, match=name):
             data.find_images(image_tree(tmp_path / f'root-{name}', 'train2017', name))
     # class folders that only contain the letters, or start with them as a word of their own
     classes = image_tree(tmp_path / 'classes', 'interval', 'valley', 'testudo', 'n01/retest')
-    assert len(data.find_images(classes)) == 4
+    assert len(data.find_images(classes)[0]) == 4
     res = run_cli('r2o.py', '--data', str(authors), '--output-dir', str(tmp_path / 'o'))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert res.stderr.startswith('error:') and str(authors / 'images' / 'val') in res.stderr
+    assert not (tmp_path / 'o').exists()
+    # through links: a linked dataset root still shows its val folder; a link named val is one
+    linked = tmp_path / 'linked'
+    linked.mkdir()
+    (linked / 'imagenet').symlink_to(authors)
+    with pytest.raises(data.DataError, match=re.escape(str(linked / 'imagenet/images/val'))):
+        data.find_images(linked)
+    (tmp_path / 'subset').mkdir()
+    (tmp_path / 'subset' / 'n01').symlink_to(authors / 'images/train/n01')
+    (tmp_path / 'subset' / 'val').symlink_to(authors / 'images/val/n01')
+    with pytest.raises(data.DataError, match=re.escape(str(tmp_path / 'subset' / 'val'))):
+        data.find_images(tmp_path / 'subset')
+
+
+def png_classes(root, counts):
+    """Class folders of tiny random PNGs: counts maps a class name to its number of images."""
+    rng = np.random.default_rng(0)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), np.uint8)).save(root / name / f'{i}.png')
+    return root
+
+
+def test_a_subset_of_linked_class_folders_trains_like_a_real_one(tmp_path, capsys):
+    """ImageNet-100 style: train/ holds links to class folders of a shared copy, beside a real
+    class folder and a link that leads nowhere (a class on a disk not mounted). Every image the
+    links reach is trained on; the dead link is named in the start-up lines."""
+    shared = png_classes(tmp_path / 'imagenet' / 'train', {'n01': 3, 'n02': 3, 'n03': 5})
+    train = png_classes(tmp_path / 'in100' / 'train', {'n04': 2})
+    for name in ('n01', 'n02'):
+        (train / name).symlink_to(shared / name, target_is_directory=True)
+    (train / 'n05').symlink_to(tmp_path / 'unmounted' / 'n05')
+    args = tiny_args(tmp_path, 'run', '--data', str(tmp_path / 'in100'), '--arch', 'resnet18',
+                     '--epochs', '1')
+    r2o.main(args)
+    ckpt = torch.load(tmp_path / 'run' / 'checkpoint.pt', weights_only=True)
+    assert ckpt['step'] == 1                                     # 8 images, batch 8
+    assert [str(p.relative_to(train)) for p in r2o.build_dataset(args).files] == [
+        'n01/0.png', 'n01/1.png', 'n01/2.png', 'n02/0.png', 'n02/1.png', 'n02/2.png',
+        'n04/0.png', 'n04/1.png']
+    out = capsys.readouterr().out
+    assert out.startswith('settings:') and '8 images, 1 process(es)' in out
+    dead = [line for line in out.splitlines() if 'no file or folder' in line]
+    assert dead == [f'skipped 1 link under --data that leads to no file or folder (moved, or on '
+                    f'a disk not mounted?), e.g. {train / "n05"} -> {tmp_path / "unmounted/n05"}']
+    # the default output folder takes the name --data is given by, not its link's target
+    (tmp_path / 'alias').symlink_to(tmp_path / 'in100')
+    named = r2o.resolve_args(r2o.get_args_parser().parse_args(['--data', str(tmp_path / 'alias')]))
+    assert Path(named.output_dir).name == 'alias-cosine'
+
+
+def test_a_cycle_of_links_is_scanned_once(tmp_path):
+    """Links back to a folder above, and a second link to a folder already scanned: the scan
+    ends, and every image is listed once, by the first path that reaches it."""
+    root = png_classes(tmp_path / 'root', {'n01': 2})
+    shared = png_classes(tmp_path / 'shared', {'n02': 2})
+    (root / 'n02').symlink_to(shared / 'n02')
+    (root / 'n01' / 'up').symlink_to(root)                        # a cycle inside --data
+    (shared / 'n02' / 'back').symlink_to(root)                    # and one through a link
+    (root / 'n03').symlink_to(shared / 'n02')                     # n02 again, by another name
+
+    def endless(signum, frame):
+        raise RuntimeError('the scan follows the links round and round')
+    previous = signal.signal(signal.SIGALRM, endless)
+    signal.alarm(60)               # unguarded, the paths double with each round: 2^40 folders
+    try:
+        files, skipped = data.find_images(root)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [str(p.relative_to(root)) for p in files] == ['n01/0.png', 'n01/1.png', 'n02/0.png',
+                                                         'n02/1.png']
+    assert skipped == []
+
+
+def test_links_that_lead_nowhere_are_skipped_and_named(tmp_path):
+    """A dead link (to a file, to a folder, or in a loop of links) is no image: left out and
+    reported, not met later by a loader worker. With nothing else, the error names them."""
+    root = png_classes(tmp_path / 'root', {'n01': 2})
+    (root / 'n01' / 'gone.png').symlink_to(tmp_path / 'moved.png')
+    (root / 'n02').symlink_to(tmp_path / 'unmounted' / 'n02')
+    (root / 'a').symlink_to(root / 'b')
+    (root / 'b').symlink_to(root / 'a')
+    (root / 'n01' / 'linked.png').symlink_to(root / 'n01' / '0.png')   # a live file link counts
+    ds = data.ImageFolderDataset(root, image_size=32, n_segments=10)
+    assert [p.name for p in ds.files] == ['0.png', '1.png', 'linked.png']
+    assert ds.skipped == [root / 'a', root / 'b', root / 'n01' / 'gone.png', root / 'n02']
+    args = r2o.resolve_args(tiny_args(tmp_path, 'o', '--data', str(root)))
+    run = r2o.run_constants(args, 0, 1, torch.device('cpu'), 1)
+    lines = r2o.startup_lines(args, run, len(ds), 1, torch.device('cpu'), ds.skipped)
+    assert lines[1] == (f'skipped 4 links under --data that lead to no file or folder (moved, '
+                        f'or on a disk not mounted?), e.g. {root / "a"} -> {root / "b"}')
+    dead = tmp_path / 'dead'
+    dead.mkdir()
+    (dead / 'n01').symlink_to(tmp_path / 'unmounted' / 'n01')
+    with pytest.raises(data.DataError, match=r'no image files found .*; skipped 1 link .* e\.g\. '
+                       + re.escape(str(dead / 'n01'))):
+        data.find_images(dead)
+
+
+def test_a_run_refused_at_start_up_leaves_nothing_on_disk(tmp_path):
+    """Bad --data, a bad flag or combination, too few images, a missing --resume: the error
+    comes before the output folder or the superpixel cache is made."""
+    (tmp_path / 'empty').mkdir()
+    few = png_classes(tmp_path / 'few', {'n01': 3})
+    held_out = image_tree(tmp_path / 'coco', 'train2017', 'val2017')
+    for extra in (['--data', str(tmp_path / 'missing')], ['--data', str(tmp_path / 'empty')],
+                  ['--data', str(held_out)], ['--data', str(few)], ['--seed', '-1'],
+                  ['--cluster-batch', '3'], ['--image-size', '36'],
+                  ['--resume', str(tmp_path / 'missing.pt')]):
+        with pytest.raises(data.DataError):
+            r2o.main(tiny_args(tmp_path, 'o', *extra))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['coco', 'empty', 'few'], extra
 
 
 # ================================ superpixel cache ================================
@@ -1003,6 +1129,38 @@ def test_cache_never_changes_results(tmp_path):
         assert ds_cached.cache.get(i) is not None        # filled during training
         assert torch.equal(ds_cached[(1, i)]['superpixels'], ds_plain[(1, i)]['superpixels'])
 
+
+
+def test_cache_key_follows_the_paths_under_data_not_the_links_targets(tmp_path):
+    """The same images reached through links (a linked dataset root, a folder of links to every
+    class, links to another copy of the images) share the real copy's cache file. A linked
+    subset has its own file: rows are indexed by image index and the key hashes the whole file
+    list, so its superpixels are computed again (the same maps) and the full set's file is
+    never touched."""
+    full = png_classes(tmp_path / 'imagenet' / 'train', {'n01': 2, 'n02': 2, 'n03': 2})
+    shutil.copytree(tmp_path / 'imagenet', tmp_path / 'copy')     # the same set on another disk
+    (tmp_path / 'alias').symlink_to(tmp_path / 'imagenet')
+    for name, target, classes in (('linked', full, ('n01', 'n02', 'n03')),
+                                  ('in100', full, ('n01', 'n02')),
+                                  ('in100-copy', tmp_path / 'copy' / 'train', ('n01', 'n02'))):
+        (tmp_path / name / 'train').mkdir(parents=True)
+        for c in classes:
+            (tmp_path / name / 'train' / c).symlink_to(target / c)
+    ds = {name: data.ImageFolderDataset(tmp_path / name, image_size=32, n_segments=10,
+                                        cache_dir=tmp_path / 'cache')
+          for name in ('imagenet', 'alias', 'linked', 'in100', 'in100-copy')}
+    assert ds['alias'].cache.path == ds['linked'].cache.path == ds['imagenet'].cache.path
+    assert ds['in100-copy'].cache.path == ds['in100'].cache.path != ds['imagenet'].cache.path
+    for i in range(len(ds['in100'])):
+        ds['in100'][(0, i)]
+    assert not ds['imagenet'].cache.path.exists()
+    for i in range(len(ds['linked'])):
+        ds['linked'][(0, i)]
+    for i in range(len(ds['in100'])):                    # the same image at the same index
+        assert ds['in100'].files[i].relative_to(tmp_path / 'in100') == \
+            ds['imagenet'].files[i].relative_to(tmp_path / 'imagenet')
+        assert np.array_equal(ds['imagenet'].cache.get(i), ds['in100'].cache.get(i))
+    assert all(ds['imagenet'].cache.get(i) is not None for i in range(len(ds['imagenet'])))
 
 # ================================ runs: checkpoints, resume, export ================================
 

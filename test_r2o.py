@@ -1066,7 +1066,8 @@ def test_links_that_lead_nowhere_are_skipped_and_named(tmp_path):
     (root / 'a').symlink_to(root / 'b')
     (root / 'b').symlink_to(root / 'a')
     (root / 'n01' / 'linked.png').symlink_to(root / 'n01' / '0.png')   # a live file link counts
-    ds = data.ImageFolderDataset(root, image_size=32, n_segments=10)
+    ds = data.ImageFolderDataset(root, image_size=32, n_segments=10,
+                                 superpixel_map=r2o.superpixel_map)
     assert [p.name for p in ds.files] == ['0.png', '1.png', 'linked.png']
     assert ds.skipped == [root / 'a', root / 'b', root / 'n01' / 'gone.png', root / 'n02']
     args = r2o.resolve_args(tiny_args(tmp_path, 'o', '--data', str(root)))
@@ -1147,7 +1148,8 @@ def test_cache_key_follows_the_paths_under_data_not_the_links_targets(tmp_path):
         for c in classes:
             (tmp_path / name / 'train' / c).symlink_to(target / c)
     ds = {name: data.ImageFolderDataset(tmp_path / name, image_size=32, n_segments=10,
-                                        cache_dir=tmp_path / 'cache')
+                                        cache_dir=tmp_path / 'cache',
+                                        superpixel_map=r2o.superpixel_map)
           for name in ('imagenet', 'alias', 'linked', 'in100', 'in100-copy')}
     assert ds['alias'].cache.path == ds['linked'].cache.path == ds['imagenet'].cache.path
     assert ds['in100-copy'].cache.path == ds['in100'].cache.path != ds['imagenet'].cache.path

@@ -60,12 +60,13 @@ def find_images(root):
     the scan with a DataError: a dataset root that holds train and val one level down (the
     authors' imagenet/images/{train,val}, COCO's coco/{train2017,val2017}) would train on both.
     One pass; a stat per folder and per link, none per plain file (os.scandir reads the entry
-    types with the names)."""
-    root = Path(root)
-    if not root.is_dir():
+    types with the names). The paths are plain strings, kept as a PathList: ImageNet's 1.28
+    million as Path objects cost half a minute and 460 MB per process."""
+    root = str(root)
+    if not os.path.isdir(root):
         raise DataError(f'--data {root}: no such folder')
-    if (root / 'train').is_dir():
-        root = root / 'train'
+    if os.path.isdir(os.path.join(root, 'train')):
+        root = os.path.join(root, 'train')
     files, skipped, scanned = [], [], set()
     todo = [(root, True)]          # (path, whether a folder to scan), the next one last
     while todo:                    # depth first, each folder in name order: files come sorted
@@ -92,26 +93,52 @@ def find_images(root):
                 found.append((entry.name, True))
             elif not is_file:
                 if entry.is_symlink():
-                    skipped.append(path / entry.name)
+                    skipped.append(os.path.join(path, entry.name))
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append((entry.name, False))
         subfolders = [name for name, is_dir in found if is_dir]
         held_out = sorted(d for d in subfolders if HELD_OUT.fullmatch(d.lower()))
         if held_out:
             train = sorted(d for d in subfolders if d.lower().startswith('train'))
-            example = path / train[0] if train else '.../train2017'
+            example = os.path.join(path, train[0]) if train else '.../train2017'
             raise DataError(f'--data {root} holds validation or test images ('
-                            f'{", ".join(str(path / d) for d in held_out)}), and every image '
+                            f'{", ".join(os.path.join(path, d) for d in held_out)}), and every image '
                             f'under --data is trained on: point --data at the training folder '
                             f'(e.g. --data {example})')
         found.sort(reverse=True)
-        todo += [(path / name, is_dir) for name, is_dir in found]
+        todo += [(os.path.join(path, name), is_dir) for name, is_dir in found]
     skipped.sort()
     if not files:
         raise DataError(f'--data {root}: no image files found (looked recursively for '
                         f'{", ".join(sorted(IMAGE_EXTENSIONS))})'
                         + (f'; {skipped_line(skipped)}' if skipped else ''))
-    return files, skipped
+    return PathList(files), skipped
+
+
+class PathList:
+    """A long list of file paths as one buffer of their bytes and an array of offsets: no Python
+    object per path, so ImageNet's 1.28 million paths take tens of MB, pickle to loader workers
+    and to other processes in one piece, and are not copied page by page into forked workers (as
+    the reference counts of a million objects make them be). Items are str (os.fsdecode)."""
+
+    def __init__(self, paths):
+        encoded = [os.fsencode(p) for p in paths]
+        self.offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+        self.buffer = np.frombuffer(b''.join(encoded), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = index + len(self) if index < 0 else index
+        if not 0 <= index < len(self):
+            raise IndexError(f'path {index} of {len(self)}')
+        return os.fsdecode(self.buffer[self.offsets[index]:self.offsets[index + 1]].tobytes())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def skipped_line(skipped):
@@ -530,9 +557,10 @@ class R2ODataset(Dataset):
 class ImageFolderDataset(R2ODataset):
     """Every image under a folder (ImageNet's train/ class folders, COCO's flat folder, ...)."""
 
-    def __init__(self, root, **kwargs):
-        self.root = Path(root)
-        self.files, self.skipped = find_images(root)
+    def __init__(self, root, listing=None, **kwargs):
+        """listing: find_images(root)'s (files, skipped) when another process has scanned it."""
+        self.root = str(root)
+        self.files, self.skipped = listing if listing is not None else find_images(root)
         super().__init__(**kwargs)
 
     def __len__(self):
@@ -546,7 +574,9 @@ class ImageFolderDataset(R2ODataset):
 
     def identity(self):
         # paths as reached from the root, links not resolved: the key follows what --data shows
-        return [str(p.relative_to(self.root)) for p in self.files]
+        prefix = os.path.join(self.root, '')          # every path was joined onto the root
+        return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, self.root)
+                for p in self.files]
 
 
 class SyntheticDataset(R2ODataset):

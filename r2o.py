@@ -824,7 +824,7 @@ def visualize(model, vis, k, run, path, title):
 # the built-in generated scenes (3-4 minutes on 2 CPU cores). A flag given explicitly wins.
 PAPER = dict(arch='resnet50', image_size=224, epochs=300, batch_size=32, lr=0.3,
              superpixels=100, slic_compactness=10.0, slic_sigma=0.0, k_max=128, k_min=4,
-             warmup_epochs=3, ema_batch_scale=True, workers=8, save_every=25, vis_every=10,
+             warmup_epochs=3, ema_batch_scale=True, save_every=25, vis_every=10,
              print_freq=50)
 # The demo's EMA: 0.99 per step of 32 images, unscaled. Scaled to the paper's horizon (0.99 per
 # 4096 images) it would be 0.99992 per step, and the target would hardly move in 160 steps.
@@ -874,7 +874,8 @@ def get_args_parser(add_help=True):
                    help='Gaussian blur of the views: the reference\'s (OpenCV\'s 23 x 23 Gaussian, '
                         'computed one axis at a time: as fast as Pillow\'s), or Pillow\'s '
                         'box-filter approximation of it')
-    g.add_argument('--workers', type=int, default=None, help='loader processes per GPU (8; preset 2)')
+    g.add_argument('--workers', type=int, default=None,
+                   help='loader processes per GPU (the node\'s cores / its GPUs, less one; preset 2)')
     g.add_argument('--max-bad-fraction', type=float, default=0.01,
                    help='stop if more than this fraction of the images read so far are unreadable')
 
@@ -954,6 +955,8 @@ def resolve_args(args):
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.workers is None:
+        args.workers = default_workers()
     if args.output_dir is None:
         # the name as given, a link not resolved: --data imagenet100 -> runs/imagenet100-...
         name = 'synthetic' if args.data == 'synthetic' else Path(os.path.abspath(args.data)).name
@@ -1020,6 +1023,10 @@ def startup_lines(args, run, n_images, steps_per_epoch, device, skipped=()):
              f'{", deterministic" if args.deterministic else ""}']
     if skipped:
         lines.append(data.skipped_line(skipped))
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    lines.append(f'loader: {args.workers} worker processes per training process'
+                 + (f' (of {os.cpu_count()} cores on this node, {local} training process(es))'
+                    if args.data != 'synthetic' else ''))
     lines += [f'this run:  global batch {B:>4}, lr {args.lr:g} x {B}/256 = {args.lr * B / 256:.4g}{k16}, '
               f'EMA momentum {momentum:.5f} per step at the start'
               + (f' ({args.ema:g}^({B}/{PAPER_GLOBAL_BATCH}): the paper\'s horizon in images)'
@@ -1048,7 +1055,34 @@ def build_dataset(args):
     if args.data == 'synthetic':
         return data.SyntheticDataset(n_images=args.synthetic_images,
                                      scene_size=2 * args.image_size, **common)
-    return data.ImageFolderDataset(args.data, **common)
+    return data.ImageFolderDataset(args.data, listing=listing_of_the_job(args.data), **common)
+
+
+def listing_of_the_job(root):
+    """find_images(root), scanned once for the whole job: rank 0 scans and sends the list (one
+    buffer, data.PathList) to the other processes, instead of every rank walking the folders.
+    A refusal is sent too, so every rank stops with the same one line. None without a process
+    group (the dataset scans itself)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [data.find_images(root)]
+        except data.DataError as e:
+            box = [e]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], data.DataError):
+        raise box[0]
+    return box[0]
+
+
+def default_workers():
+    """Loader processes per training process: this node's cores (those this process may use)
+    shared among its training processes (torchrun's LOCAL_WORLD_SIZE), one core each left to
+    the training process itself. 11 for 8 GPUs on 96 cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
 
 
 def build_loader(dataset, args, rank, world, device):

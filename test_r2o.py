@@ -938,7 +938,7 @@ def test_imagenet_layout_uses_the_train_folder(tmp_path):
     for split in ('train/n01', 'train/n02', 'val/n01'):
         (tmp_path / split).mkdir(parents=True)
         Image.new('RGB', (20, 20)).save(tmp_path / split / 'a.jpg')
-    assert [p.parent.name for p in data.find_images(tmp_path)[0]] == ['n01', 'n02']
+    assert [Path(p).parent.name for p in data.find_images(tmp_path)[0]] == ['n01', 'n02']
 
 
 
@@ -950,7 +950,7 @@ def test_images_are_listed_in_path_order(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new('RGB', (4, 4)).save(tmp_path / name)
     files, _ = data.find_images(tmp_path)
-    assert files == sorted(tmp_path.rglob('*.*g')) and len(files) == 9
+    assert [Path(p) for p in files] == sorted(tmp_path.rglob('*.*g')) and len(files) == 9
 
 def image_tree(root, *folders):
     for folder in folders:
@@ -1019,7 +1019,7 @@ def test_a_subset_of_linked_class_folders_trains_like_a_real_one(tmp_path, capsy
     r2o.main(args)
     ckpt = torch.load(tmp_path / 'run' / 'checkpoint.pt', weights_only=True)
     assert ckpt['step'] == 1                                     # 8 images, batch 8
-    assert [str(p.relative_to(train)) for p in r2o.build_dataset(args).files] == [
+    assert [str(Path(p).relative_to(train)) for p in r2o.build_dataset(args).files] == [
         'n01/0.png', 'n01/1.png', 'n01/2.png', 'n02/0.png', 'n02/1.png', 'n02/2.png',
         'n04/0.png', 'n04/1.png']
     out = capsys.readouterr().out
@@ -1052,9 +1052,66 @@ def test_a_cycle_of_links_is_scanned_once(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    assert [str(p.relative_to(root)) for p in files] == ['n01/0.png', 'n01/1.png', 'n02/0.png',
+    assert [str(Path(p).relative_to(root)) for p in files] == ['n01/0.png', 'n01/1.png', 'n02/0.png',
                                                          'n02/1.png']
     assert skipped == []
+
+
+def test_the_file_list_is_one_buffer_that_gives_back_every_path(tmp_path):
+    """data.PathList: the paths as given (a name that is not UTF-8 too), in order, by index,
+    slice and iteration, pickled in one piece (what a loader worker or another rank receives)."""
+    odd = os.fsdecode(b'caf\xe9.png')                     # Latin-1 bytes: not UTF-8
+    paths = [str(tmp_path / 'n01' / 'a.png'), str(tmp_path / 'n01' / odd), '/x/\u00fc.jpg', 'y.png']
+    files = data.PathList(paths)
+    assert len(files) == 4 and list(files) == paths and files[-1] == 'y.png'
+    assert files[1:3] == paths[1:3] and os.fsencode(files[1]).endswith(b'caf\xe9.png')
+    back = pickle.loads(pickle.dumps(files))
+    assert list(back) == paths and isinstance(back.buffer, np.ndarray)
+    with pytest.raises(IndexError):
+        files[4]
+
+
+def listing_rank(rank, store_path, cases, out):
+    torch.distributed.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank,
+                                         world_size=2)
+    if rank > 0:                                   # a scan on this rank leaves a mark
+        data.find_images = lambda root: Path(f'{out}.scanned-by-{rank}').touch()
+    results = []
+    for roots in cases:
+        try:
+            results.append(('files', list(r2o.listing_of_the_job(roots[rank])[0])))
+        except data.DataError as e:
+            results.append(('error', str(e)))
+    torch.save(results, f'{out}.{rank}')
+    torch.distributed.destroy_process_group()
+
+
+def test_the_image_list_is_scanned_once_per_job_and_sent_to_every_rank(tmp_path):
+    """Under torchrun rank 0 walks --data and the other ranks receive its list without looking
+    at the folders; a refusal reaches every rank."""
+    root = tmp_path / 'imgs'
+    for name in ('n01/0.png', 'n02/1.png'):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (4, 4)).save(root / name)
+    absent = str(tmp_path / 'absent')
+    cases = [(str(root), str(root)), (absent, absent)]
+    torch.multiprocessing.spawn(listing_rank, (str(tmp_path / 'store'), cases, str(tmp_path / 'out')),
+                                nprocs=2)
+    expected = [('files', [str(root / 'n01/0.png'), str(root / 'n02/1.png')]),
+                ('error', f'--data {absent}: no such folder')]
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f'out.{rank}') == expected
+    assert not (tmp_path / 'out.scanned-by-1').exists()
+
+
+def test_loader_workers_default_to_the_cores_each_training_process_can_have(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(96)), raising=False)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')
+    assert r2o.default_workers() == 11                  # 96 cores, 8 GPUs, one core each kept
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    assert r2o.default_workers() == 95
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
+    assert r2o.default_workers() == 1
 
 
 def test_links_that_lead_nowhere_are_skipped_and_named(tmp_path):
@@ -1068,8 +1125,9 @@ def test_links_that_lead_nowhere_are_skipped_and_named(tmp_path):
     (root / 'n01' / 'linked.png').symlink_to(root / 'n01' / '0.png')   # a live file link counts
     ds = data.ImageFolderDataset(root, image_size=32, n_segments=10,
                                  superpixel_map=r2o.superpixel_map)
-    assert [p.name for p in ds.files] == ['0.png', '1.png', 'linked.png']
-    assert ds.skipped == [root / 'a', root / 'b', root / 'n01' / 'gone.png', root / 'n02']
+    assert [Path(p).name for p in ds.files] == ['0.png', '1.png', 'linked.png']
+    assert ds.skipped == [str(root / 'a'), str(root / 'b'), str(root / 'n01' / 'gone.png'),
+                          str(root / 'n02')]
     args = r2o.resolve_args(tiny_args(tmp_path, 'o', '--data', str(root)))
     run = r2o.run_constants(args, 0, 1, torch.device('cpu'), 1)
     lines = r2o.startup_lines(args, run, len(ds), 1, torch.device('cpu'), ds.skipped)
@@ -1159,8 +1217,8 @@ def test_cache_key_follows_the_paths_under_data_not_the_links_targets(tmp_path):
     for i in range(len(ds['linked'])):
         ds['linked'][(0, i)]
     for i in range(len(ds['in100'])):                    # the same image at the same index
-        assert ds['in100'].files[i].relative_to(tmp_path / 'in100') == \
-            ds['imagenet'].files[i].relative_to(tmp_path / 'imagenet')
+        assert Path(ds['in100'].files[i]).relative_to(tmp_path / 'in100') == \
+            Path(ds['imagenet'].files[i]).relative_to(tmp_path / 'imagenet')
         assert np.array_equal(ds['imagenet'].cache.get(i), ds['in100'].cache.get(i))
     assert all(ds['imagenet'].cache.get(i) is not None for i in range(len(ds['imagenet'])))
 

@@ -723,6 +723,9 @@ AUTHORS_CHILDREN = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6':
 D2_KEY = re.compile(r'(?:stem|res([2-5])\.(\d+))\.(conv[1-3]|shortcut)(\.norm)?\.(\w+)')
 RESNET_TOP = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'layer4.')
 TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c    # the first object of a pre-1.6 torch.save file
+# How torch.load(weights_only=True) names the global it refuses to load, in the UnpicklingError
+# it raises: 'Unsupported class posix.system' (torch 2.1) or '... GLOBAL posix.system ...' (later)
+REFUSED_GLOBAL = re.compile(r'(?:Unsupported class|GLOBAL) ([\w.]+)')
 
 
 def latin1_bytes(text, encoding='latin1'):
@@ -775,7 +778,8 @@ def read_weights_file(path):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure is reported below, in one line
         torch_error = e
-    refused = re.search(r'GLOBAL ([\w.]+)', str(torch_error))
+    refused = (isinstance(torch_error, pickle.UnpicklingError)   # the weights-only unpickler's
+               and REFUSED_GLOBAL.search(str(torch_error)))       # refusal, naming the global
     refusal = (f'{path}: the file carries code or objects other than weights ({refused[1]}) and '
                'was not loaded') if refused else None
     if zipfile.is_zipfile(path):

@@ -51,6 +51,14 @@ def tiny_argv(tmp_path, name, *extra):
             '--superpixel-cache', str(tmp_path / 'cache'), *extra]
 
 
+def free_port():
+    """A TCP port free on this machine now, for torchrun (two suites at once must not collide)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def tiny_args(tmp_path, name, *extra):
     return r2o.get_args_parser().parse_args(tiny_argv(tmp_path, name, *extra))
 
@@ -1357,7 +1365,7 @@ def test_killed_mid_epoch_and_restarted_ends_bit_identical(tmp_path):
 
 def test_torchrun_two_processes_killed_and_restarted(tmp_path):
     cache = tmp_path / 'cache'
-    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517', 'r2o.py']
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', 'r2o.py']
     straight = subprocess.run(training_command(tmp_path / 'straight', cache, *launcher),
                               cwd=HERE, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -1776,7 +1784,7 @@ def test_gpu_killed_and_restarted_with_deterministic_ends_bit_identical(tmp_path
 @requires_cuda
 def test_gpu_torchrun_one_nccl_process(tmp_path):
     cmd = training_command(tmp_path / 'nccl', tmp_path / 'cache', '-m', 'torch.distributed.run',
-                           '--nproc_per_node=1', '--master_port=29519', 'r2o.py', device='cuda')
+                           '--nproc_per_node=1', f'--master_port={free_port()}', 'r2o.py', device='cuda')
     res = subprocess.run(cmd, cwd=HERE, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 'bf16 autocast' in res.stdout and 'cuda:0' in res.stdout

@@ -1365,7 +1365,8 @@ def test_killed_mid_epoch_and_restarted_ends_bit_identical(tmp_path):
 
 def test_torchrun_two_processes_killed_and_restarted(tmp_path):
     cache = tmp_path / 'cache'
-    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', 'r2o.py']
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+                'r2o.py']
     straight = subprocess.run(training_command(tmp_path / 'straight', cache, *launcher),
                               cwd=HERE, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -300,6 +300,12 @@ class SuperpixelCache:
             self._pid = os.getpid()
         return self._rows
 
+    def filled(self, indices):
+        """How many of these rows hold a valid map (CRC checked), without creating the file."""
+        if self._rows is None and not self.path.exists():
+            return 0
+        return sum(self.get(int(i)) is not None for i in indices)
+
     def _crc(self, index, labels):
         return zlib.crc32(labels.tobytes(), zlib.crc32(index.to_bytes(8, 'little')))
 
@@ -599,6 +605,27 @@ class SyntheticDataset(R2ODataset):
 
     def identity(self):
         return [f'synthetic n={self.n_images} size={self.scene_size} seed={self.scene_seed}']
+
+
+class SuperpixelsOnly(Dataset):
+    """A dataset's superpixels alone, item i -> 1 if they were computed now, 0 if they were in the
+    cache, -1 if the image is unreadable: a loader over it fills the cache with every worker
+    (r2o.py --prebuild-superpixels)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if self.dataset.cache.get(index) is not None:
+            return 0
+        try:
+            self.dataset.superpixels(index)
+        except Exception:  # noqa: BLE001 - an unreadable image: training reports it
+            return -1
+        return 1
 
 
 class EpochSampler(Sampler):

@@ -868,6 +868,11 @@ def get_args_parser(add_help=True):
     g.add_argument('--superpixel-cache', default='runs/superpixel-cache',
                    help='folder for the per-dataset superpixel cache (computed once, reused every '
                         'epoch and by every run on the same data); "none" recomputes SLIC every time')
+    g.add_argument('--prebuild-superpixels', action='store_true',
+                   help='fill the superpixel cache for these settings with all of this node\'s '
+                        'cores (--workers processes), then exit; run it before training so the '
+                        'first epoch does not compute SLIC. It resumes where it stopped and may '
+                        'run on several nodes at once over a shared cache folder')
     g.add_argument('--flip-p', type=float, default=0.5,
                    help='horizontal flip probability per view (the reference code flips always: 1.0)')
     g.add_argument('--blur', default='gaussian', choices=['gaussian', 'pillow'],
@@ -1077,6 +1082,54 @@ def listing_of_the_job(root):
     return box[0]
 
 
+def prebuild_superpixels(dataset, workers, rank=0):
+    """Compute every image's superpixels into the dataset's cache with `workers` processes.
+
+    Rows already valid are skipped (an interrupted prebuild resumes), and each process takes the
+    images in an order of its own, so several nodes sharing the cache folder mostly compute
+    different rows (a row computed twice is written with the same bytes)."""
+    if dataset.cache is None:
+        raise data.DataError('--prebuild-superpixels needs a cache: not --superpixel-cache none')
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
+        hash((os.uname().nodename, os.getpid(), rank)) % 2**63)).tolist()
+    loader = torch.utils.data.DataLoader(data.SuperpixelsOnly(dataset), batch_size=64,
+                                         sampler=order, num_workers=workers,
+                                         collate_fn=lambda done: done)
+    counts, start, n = {1: 0, 0: 0, -1: 0}, time.time(), len(dataset)
+    print(f'superpixels of {n} images into {dataset.cache.path}, {workers} processes', flush=True)
+    for i, done in enumerate(loader):
+        for d in done:
+            counts[d] += 1
+        seen = sum(counts.values())
+        if (i + 1) % 50 == 0 or seen == n:
+            rate = seen / (time.time() - start)
+            print(f'{seen}/{n}: {counts[1]} computed, {counts[0]} were cached, {counts[-1]} '
+                  f'unreadable; {rate:.0f} img/s, eta {fmt_time((n - seen) / rate)}', flush=True)
+    print(f'done: {dataset.cache.path} holds the superpixels of {counts[1] + counts[0]} of {n} '
+          f'images, in {fmt_time(time.time() - start)}', flush=True)
+
+
+def cache_line(dataset, workers, world, sample=1000):
+    """One start-up line: how full the superpixel cache is (a sample of rows) and what the first
+    epoch spends on SLIC for the rest, timed on one image now."""
+    if dataset.cache is None:
+        return 'superpixel cache: none (SLIC runs for every sample, every epoch)'
+    rows = np.linspace(0, len(dataset) - 1, min(sample, len(dataset))).round().astype(int)
+    share = dataset.cache.filled(np.unique(rows)) / len(np.unique(rows))
+    if share == 1:
+        return f'superpixel cache: full ({dataset.cache.path})'
+    index, image, _ = dataset.load_checked(int(rows[0]))
+    start = time.process_time()
+    dataset.superpixel_map(np.asarray(image.resize((dataset.image_size,) * 2)), dataset.n_segments,
+                           dataset.mask_size, dataset.slic_compactness, dataset.slic_sigma)
+    core_s = (time.process_time() - start) * (1 - share) * len(dataset)
+    wall = fmt_time(core_s / max(1, workers * world))
+    return (f'superpixel cache: {100 * share:.0f}% filled ({dataset.cache.path}): the first epoch '
+            f'computes SLIC for the rest, about {core_s / 3600:.1f} core-hours ({wall} with '
+            f'{workers} workers x {world} process(es)); --prebuild-superpixels fills it first '
+            'with every core')
+
+
 def default_workers():
     """Loader processes per training process: this node's cores (those this process may use)
     shared among its training processes (torchrun's LOCAL_WORLD_SIZE), one core each left to
@@ -1125,6 +1178,8 @@ def main(args):
 
     # ===== preparing data =====
     dataset = build_dataset(args)
+    if args.prebuild_superpixels:
+        return prebuild_superpixels(dataset, args.workers, rank)
     sampler, loader = build_loader(dataset, args, rank, world, device)
     if rank == 0:              # only now: a run refused above leaves nothing on disk
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -1144,6 +1199,8 @@ def main(args):
     if rank == 0:
         print('\n'.join(startup_lines(args, run, len(dataset), len(loader), device,
                                        dataset.skipped)), flush=True)
+        if args.data != 'synthetic':
+            print(cache_line(dataset, args.workers, world), flush=True)
 
     # ===== resume =====
     start_epoch, step = 0, 0

@@ -1122,6 +1122,33 @@ def test_loader_workers_default_to_the_cores_each_training_process_can_have(monk
     assert r2o.default_workers() == 1
 
 
+def test_prebuild_fills_the_superpixel_cache_resumably_and_start_up_says_how_full(tmp_path,
+                                                                                    capsys):
+    """--prebuild-superpixels computes every image's superpixels into the cache with loader
+    workers and exits without an output folder; run again it computes nothing. A run's start-up
+    line says how full the cache is and what the rest will cost the first epoch."""
+    root = png_classes(tmp_path / 'imgs', {'n01': 6, 'n02': 6})
+    args = r2o.resolve_args(tiny_args(tmp_path, 'pre', '--data', str(root), '--arch', 'resnet18'))
+    dataset = r2o.build_dataset(args)
+    assert r2o.cache_line(dataset, 2, 1).startswith('superpixel cache: 0% filled')
+    for i in range(6):
+        dataset.superpixels(i)
+    line = r2o.cache_line(dataset, 2, 1)
+    assert line.startswith('superpixel cache: 50% filled') and 'core-hours' in line
+    expected = [dataset.superpixels(i) for i in range(12)]       # fills the rest, to compare
+    dataset.cache.path.unlink()
+    for workers in ('2', '0'):
+        r2o.main(tiny_args(tmp_path, 'pre', '--data', str(root), '--arch', 'resnet18',
+                           '--prebuild-superpixels', '--workers', workers))
+    out = capsys.readouterr().out
+    assert '12/12: 12 computed, 0 were cached, 0 unreadable' in out
+    assert '12/12: 0 computed, 12 were cached, 0 unreadable' in out
+    assert not (tmp_path / 'pre').exists()                      # nothing but the cache
+    dataset = r2o.build_dataset(args)
+    assert r2o.cache_line(dataset, 2, 1).startswith('superpixel cache: full')
+    assert all(np.array_equal(dataset.cache.get(i), expected[i]) for i in range(12))
+
+
 def test_links_that_lead_nowhere_are_skipped_and_named(tmp_path):
     """A dead link (to a file, to a folder, or in a loop of links) is no image: left out and
     reported, not met later by a loader worker. With nothing else, the error names them."""

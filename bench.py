@@ -217,7 +217,7 @@ def bench_loader(scenes, cache_dir, n, rounds):
     reference = data.ImageFolderDataset(scenes, cache_dir=None, superpixel_map=r2o.superpixel_map, **common)
     cached = data.ImageFolderDataset(scenes, cache_dir=cache_dir, superpixel_map=r2o.superpixel_map,
                                     **common)
-    no_superpixels = NoSuperpixelsDataset(scenes, **common)
+    no_superpixels = NoSuperpixelsDataset(scenes, superpixel_map=r2o.superpixel_map, **common)
     byol = TorchvisionBYOL(scenes)
     with single_thread():
         loader_pass(no_superpixels, 0, min(n, 2))                 # import and allocator warm-up

@@ -171,8 +171,9 @@ def kmeans_seeds(x, k, generator=None, weight=None):
     squared distance of a row to its nearest centre so far; greedy: 2 + ln k candidates are drawn
     and the one that leaves the smallest total D^2 is kept.
     weight: N 0/1 floats; rows of weight 0 are never drawn and do not count in the total (with
-    fewer than k rows of weight 1, each of them is a centre and the rest repeat them). The random numbers come from the generator's device (the CPU for
-    torch.Generator()), so a CPU generator draws the same numbers on every device.
+    fewer than k rows of weight 1, each of them is a centre and the rest repeat them).
+    The random numbers come from the generator's device (the CPU for torch.Generator()), so a
+    CPU generator draws the same numbers on every device.
     Uses: squared_distances.
     """
     n = x.shape[0]

@@ -2,8 +2,12 @@
 
 One training sample (see `R2ODataset.__getitem__`) is everything a step needs for one image:
 
-    view1, view2   two augmented crops, 3 x S x S, normalised (BYOL augmentation)
-    raw            the whole image resized to S x S (aspect not kept), normalised, no colour jitter
+    view1, view2   two augmented crops, 3 x S x S (BYOL augmentation): by default uint8 after the
+                   crop and flip, with their colour augmentation's parameters in `photometric`
+                   (2 x PARAMS), finished on the training device by `finish_on_device`;
+                   normalised floats with photometric_on='loader'
+    raw            the whole image resized to S x S (aspect not kept), no colour jitter: uint8
+                   (normalised on the device), or normalised with photometric_on='loader'
     superpixels    SLIC of the whole image as an M x M integer map (M = S // 4, 56 at S = 224),
                    ids 0..n-1, each cell holding the superpixel that covers most of it
     boxes          2 x 4, the two crop boxes (x0, y0, x1, y1) normalised to the whole image
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
@@ -449,13 +454,17 @@ def denormalize(x):
     return ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0), blur='gaussian'):
+def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0), blur='gaussian', on_device=False):
     """Two augmented views of a PIL image, their boxes (normalised x0, y0, x1, y1) and flips.
 
     View 1 is always blurred and never solarised; view 2 is blurred with p=0.1 and solarised
-    with p=0.2 (BYOL's asymmetric pair).
+    with p=0.2 (BYOL's asymmetric pair). on_device: the views stop after the crop and flip, as
+    3 x S x S uint8, and their colour augmentation comes back as parameters (2 x PARAMS, drawn
+    from rng exactly as color_augment draws them) for `photometric` to apply on the training
+    device; the views are then (views, boxes, flips, params). Otherwise the views are finished
+    here (colour augmentation by color_augment, normalised) and params is None.
     """
-    views, boxes, flips = [], [], []
+    views, boxes, flips, params = [], [], [], []
     width, height = img.size
     for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
         left, top, w, h = random_crop_box(rng, width, height, scale)
@@ -463,10 +472,141 @@ def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0), blur='gaussian'):
         flip = rng.random() < flip_p
         if flip:
             view = TF.hflip(view)
-        views.append(normalize(color_augment(view, rng, blur_p, solarize_p, blur=blur)))
+        if on_device:
+            views.append(TF.pil_to_tensor(view))
+            params.append(draw_photometric(rng, blur_p, solarize_p))
+        else:
+            views.append(normalize(color_augment(view, rng, blur_p, solarize_p, blur=blur)))
         boxes.append((left / width, top / height, (left + w) / width, (top + h) / height))
         flips.append(flip)
-    return views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips)
+    return (views, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips),
+            torch.stack(params) if on_device else None)
+
+
+# ---- the colour augmentation on the training device ----
+#
+# The loader ships each view as uint8 after its crop and flip, with the parameters of its colour
+# augmentation; `photometric` applies them to a whole batch on the training device (one path on a
+# CPU and a GPU). The parameters are drawn from the sample's generator in color_augment's order,
+# so they are the ones the per-image path would use, and a resumed run draws the same.
+
+# one row per view: jitter on, brightness, contrast, saturation, hue, the jitter's order (4 op
+# indices: 0 brightness, 1 contrast, 2 saturation, 3 hue), grey on, blur on, sigma, solarize on
+PARAMS = 13
+
+
+def draw_photometric(rng, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                     gray_p=0.2):
+    """color_augment's random draws, in its order, as a PARAMS-vector (see photometric)."""
+    p = torch.zeros(PARAMS)
+    p[1:4] = 1.0                                     # identity factors when the jitter is off
+    p[5:9] = torch.arange(4.0)
+    if rng.random() < jitter_p:
+        b, c, s, h = jitter
+        ranges = [(1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s), (-h, h)]
+        order = [0, 1, 2, 3]
+        rng.shuffle(order)                           # consumes what shuffling four ops consumes
+        p[0] = 1.0
+        for op in order:
+            p[1 + op] = rng.uniform(*ranges[op])
+        p[5:9] = torch.tensor(order, dtype=torch.float32)
+    p[9] = float(rng.random() < gray_p)
+    if rng.random() < blur_p:
+        p[10], p[11] = 1.0, rng.uniform(0.1, 2.0)
+    p[12] = float(rng.random() < solarize_p)
+    return p
+
+
+def grey(x):
+    """ITU-R 601 luma of B x 3 x H x W RGB, B x 1 x H x W (torchvision's and Pillow's weights)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def shift_hue(x, hue):
+    """Rotate the hue of B x 3 x H x W RGB in [0, 1] by hue (B, in turns) through HSV."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    chroma = maxc - minc
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    h = torch.where(maxc == r, ((g - b) / safe) % 6,
+                    torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
+    h = torch.where(chroma > 0, h, torch.zeros_like(h))
+    h = (h + hue[:, None, None]) % 1.0
+    s = torch.where(maxc > 0, chroma / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                    torch.zeros_like(maxc))
+    v = maxc
+    k = (torch.stack([5.0 + 6 * h, 3.0 + 6 * h, 1.0 + 6 * h], 1)) % 6     # HSV -> RGB
+    return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def blur_batch(x, sigma, taps=23):
+    """gaussian_blur on a batch, each image with its own sigma (B): the taps-long Gaussian one
+    axis at a time, the border reflected without repeating the edge (OpenCV's, the reference's).
+    Images larger than taps // 2 on each side."""
+    B, C, H, W = x.shape
+    i = torch.arange(taps, device=x.device, dtype=torch.float32) - taps // 2
+    kernel = torch.exp(-i * i / (2 * sigma[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)   # B*C x taps
+    r = taps // 2
+    y = F.pad(x.reshape(1, B * C, H, W), (0, 0, r, r), mode='reflect')
+    y = F.conv2d(y, kernel[:, None, :, None], groups=B * C)                  # down the columns
+    y = F.pad(y, (r, r, 0, 0), mode='reflect')
+    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)                  # along the rows
+    return y.reshape(B, C, H, W)
+
+
+def photometric(views, params):
+    """BYOL's colour augmentation of a batch of views on their device, then the normalisation:
+    views B x 3 x S x S uint8 (after crop and flip), params B x PARAMS (draw_photometric) ->
+    normalised float B x 3 x S x S.
+
+    torchvision's semantics, as color_augment: with the jitter on, brightness, contrast,
+    saturation and hue in the image's own random order, then grey, Gaussian blur and solarise.
+    The per-image path rounds to 8 bits after every operation; this one stays in float, so the
+    values differ by about a grey level (a test states the bound)."""
+    x = views.float() / 255
+    on = params[:, 0].bool()[:, None, None, None]
+    b, c, s, h = (params[:, i][:, None, None, None] for i in range(1, 5))
+    order = params[:, 5:9][:, :, None, None, None]                 # B x 4 positions
+    hue_at = (order == 3).float().argmax(1)                         # each image's hue position
+    # brightness, contrast and saturation each blend the image with a base: black, the mean
+    # grey level, the grey image. Those before the hue, then the hue (one HSV pass for all),
+    # then those after it, each image in its own order.
+    for after_hue in (False, True):
+        if after_hue:
+            x = torch.where(on, shift_hue(x, h[:, 0, 0, 0]), x)
+        for position in range(4):
+            op = order[:, position]
+            factor = torch.where(op == 0, b, torch.where(op == 1, c, s))
+            base = torch.where(op == 0, torch.zeros_like(x[:, :1]),
+                               torch.where(op == 1, grey(x).mean((1, 2, 3), keepdim=True), grey(x)))
+            turn = (position > hue_at) if after_hue else (position < hue_at)
+            x = torch.where(on & turn & (op != 3), (x * factor + base * (1 - factor)).clamp(0, 1), x)
+    x = torch.where(params[:, 9].bool()[:, None, None, None], grey(x).expand_as(x), x)
+    blur = params[:, 10].bool()[:, None, None, None]
+    x = torch.where(blur, blur_batch(x, params[:, 11].clamp_min(0.1)), x)
+    x = torch.where(params[:, 12].bool()[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+    return normalize_batch(x)
+
+
+def finish_on_device(batch):
+    """A batch from a dataset with photometric_on='device', already on its device: the views'
+    colour augmentation and normalisation (photometric) and the raw view's normalisation.
+    A batch finished in the loader passes unchanged."""
+    params = batch.pop('photometric', None)
+    if params is not None:
+        batch['view1'] = photometric(batch['view1'], params[:, 0])
+        batch['view2'] = photometric(batch['view2'], params[:, 1])
+        batch['raw'] = normalize_batch(batch['raw'])
+    return batch
+
+
+def normalize_batch(x):
+    """Float B x 3 x H x W in [0, 1] (or uint8) -> ImageNet mean/std normalised."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    # channel by channel with Python numbers: no constant tensor to copy to the device
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN,
+                                                                         IMAGENET_STD))], 1)
 
 
 # ================================ datasets ================================
@@ -481,7 +621,7 @@ class R2ODataset(Dataset):
 
     def __init__(self, superpixel_map, image_size=224, n_segments=100, slic_compactness=10.0,
                  slic_sigma=0.0, slic_input='rgb', flip_p=0.5, cache_dir=None, seed=0,
-                 crop_scale=(0.08, 1.0), blur='gaussian'):
+                 crop_scale=(0.08, 1.0), blur='gaussian', photometric_on='device'):
         self.superpixel_map = superpixel_map       # R2O's prior: r2o.superpixel_map
         self.image_size = image_size
         self.mask_size = image_size // 4
@@ -492,6 +632,12 @@ class R2ODataset(Dataset):
         self.flip_p = flip_p
         self.crop_scale = tuple(crop_scale)
         self.blur = blur
+        if photometric_on not in ('device', 'loader'):
+            raise ValueError(f'photometric_on {photometric_on!r}: expected device or loader')
+        if photometric_on == 'device' and blur != 'gaussian':
+            raise DataError(f'--blur {blur} is Pillow\'s, applied in the loader: add '
+                            '--photometric-on loader')
+        self.on_device = photometric_on == 'device'
         self.seed = seed
         self.cache = None
         if cache_dir is not None:
@@ -551,13 +697,17 @@ class R2ODataset(Dataset):
         epoch, index = item
         index, img, bad = self.load_checked(index)
         rng = random.Random(f'{self.seed}-{epoch}-{index}')
-        views, boxes, flips = two_views(img, self.image_size, rng, self.flip_p, self.crop_scale,
-                                        self.blur)
-        raw = normalize(img.resize((self.image_size, self.image_size), Image.BICUBIC))
+        views, boxes, flips, params = two_views(img, self.image_size, rng, self.flip_p,
+                                                self.crop_scale, self.blur, self.on_device)
+        raw = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+        raw = TF.pil_to_tensor(raw) if self.on_device else normalize(raw)
         superpixels = self.superpixels(index, img)
-        return dict(view1=views[0], view2=views[1], raw=raw,
-                    superpixels=torch.from_numpy(superpixels), boxes=boxes, flips=flips,
-                    index=index, bad=bad)
+        sample = dict(view1=views[0], view2=views[1], raw=raw,
+                      superpixels=torch.from_numpy(superpixels), boxes=boxes, flips=flips,
+                      index=index, bad=bad)
+        if self.on_device:      # uint8 views and raw view; `finish_on_device` completes them
+            sample['photometric'] = params
+        return sample
 
 
 class ImageFolderDataset(R2ODataset):
@@ -651,6 +801,8 @@ def collate(samples):
     """Stack the tensors of a list of samples; gather the names of unreadable images."""
     batch = {k: torch.stack([s[k] for s in samples]) for k in
              ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')}
+    if 'photometric' in samples[0]:
+        batch['photometric'] = torch.stack([s['photometric'] for s in samples])
     batch['index'] = torch.tensor([s['index'] for s in samples])
     # counted here, on the host: on a GPU, reading the max would make the step wait
     batch['n_superpixels'] = int(batch['superpixels'].max()) + 1

@@ -656,10 +656,13 @@ BATCH_TENSORS = ('view1', 'view2', 'raw', 'superpixels', 'boxes', 'flips')
 
 
 def batch_to_device(batch, device, channels_last=False):
-    """A loader batch's tensors on `device`, copied without waiting (from pinned memory on CUDA).
+    """A loader batch's tensors on `device`, copied without waiting (from pinned memory on CUDA),
+    the views' colour augmentation done there (data.finish_on_device: uint8 crosses the bus).
     The batch's number of superpixel ids, `n_superpixels`, was counted by the loader (data.collate)."""
-    for name in BATCH_TENSORS:
+    for name in BATCH_TENSORS + ('photometric',) * ('photometric' in batch):
         batch[name] = batch[name].to(device, non_blocking=True)
+    batch = data.finish_on_device(batch)
+    for name in BATCH_TENSORS:
         if channels_last and batch[name].dim() == 4:
             batch[name] = batch[name].contiguous(memory_format=torch.channels_last)
     return batch
@@ -880,6 +883,11 @@ def get_args_parser(add_help=True):
                    help='Gaussian blur of the views: the reference\'s (OpenCV\'s 23 x 23 Gaussian, '
                         'computed one axis at a time: as fast as Pillow\'s), or Pillow\'s '
                         'box-filter approximation of it')
+    g.add_argument('--photometric-on', default='device', choices=['device', 'loader'],
+                   help='where the views\' colour augmentation (jitter, grey, blur, solarize) and '
+                        'normalisation run: batched on the training device (the loader ships '
+                        'uint8 crops: a third of its CPU time), or per image in the loader with '
+                        'Pillow, as the reference does (needed for --blur pillow)')
     g.add_argument('--workers', type=int, default=None,
                    help='loader processes per GPU (the node\'s cores / its GPUs, less one; preset 2)')
     g.add_argument('--max-bad-fraction', type=float, default=0.01,
@@ -1057,7 +1065,8 @@ def build_dataset(args):
     common = dict(image_size=args.image_size, n_segments=args.superpixels,
                   slic_compactness=args.slic_compactness, slic_sigma=args.slic_sigma,
                   slic_input=args.slic_input, flip_p=args.flip_p, blur=args.blur,
-                  cache_dir=cache, seed=args.seed, superpixel_map=superpixel_map)
+                  cache_dir=cache, seed=args.seed, superpixel_map=superpixel_map,
+                  photometric_on=args.photometric_on)
     if args.data == 'synthetic':
         return data.SyntheticDataset(n_images=args.synthetic_images,
                                      scene_size=2 * args.image_size, **common)
@@ -1184,7 +1193,8 @@ def main(args):
     sampler, loader = build_loader(dataset, args, rank, world, device)
     if rank == 0:              # only now: a run refused above leaves nothing on disk
         output_dir.mkdir(parents=True, exist_ok=True)
-    vis = data.collate([dataset[(0, i)] for i in picture_indices(len(dataset))])
+    vis = batch_to_device(data.collate([dataset[(0, i)] for i in picture_indices(len(dataset))]),
+                          device)
 
     # ===== building networks and optimizer =====
     # On a CPU the empty masks' rows go through the heads once, counted (4x faster at K=128);

@@ -63,12 +63,14 @@ def tiny_args(tmp_path, name, *extra):
     return r2o.get_args_parser().parse_args(tiny_argv(tmp_path, name, *extra))
 
 
-def tiny_batch(tmp_path, name, *extra, device='cpu', channels_last=False):
+def tiny_batch(tmp_path, name, *extra, device='cpu', channels_last=False, on_device=True):
     """The resolved arguments of a tiny run and its first 8 samples as a batch on `device`,
-    prepared as the training loop prepares one."""
+    prepared as the training loop prepares one (on_device=False: as the loader hands it over)."""
     args = r2o.resolve_args(tiny_args(tmp_path, name, *extra))
     dataset = r2o.build_dataset(args)
     batch = data.collate([dataset[(0, i)] for i in range(8)])
+    if not on_device:
+        return args, batch
     return args, r2o.batch_to_device(batch, torch.device(device), channels_last)
 
 
@@ -875,6 +877,82 @@ def test_gaussian_blur_of_an_image_smaller_than_its_reach():
     assert one.tolist() == [[[10, 200, 30]]]
 
 
+def torchvision_colour(view, p):
+    """One view's colour augmentation by torchvision's own tensor functions, in float, one
+    operation at a time in the drawn order: what data.photometric must compute for a batch."""
+    import torchvision.transforms.functional as TF
+    x = view.float() / 255
+    if p[0]:
+        ops = [lambda y: TF.adjust_brightness(y, p[1].item()),
+               lambda y: TF.adjust_contrast(y, p[2].item()),
+               lambda y: TF.adjust_saturation(y, p[3].item()),
+               lambda y: TF.adjust_hue(y, p[4].item())]
+        for op in p[5:9].long().tolist():
+            x = ops[op](x)
+    if p[9]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p[10]:
+        x = TF.gaussian_blur(x, [23, 23], [p[11].item()] * 2)
+    if p[12]:
+        x = TF.solarize(x, 128 / 255)
+    return TF.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD)
+
+
+def test_colour_augmentation_on_the_device_is_torchvisions_and_pillows_to_a_grey_level():
+    """data.photometric on a batch computes, image by image, what torchvision's tensor functions
+    compute in each image's drawn order (to float rounding: all but 0.1% of the values within
+    0.06 grey levels, the rest at solarize's threshold); against the per-image Pillow path
+    (--photometric-on loader, 8-bit rounding after every operation) it stays within a grey level
+    without the jitter, and on average within 2.5 grey levels with it (99% of values within 8).
+    The parameters are the per-image path's own draws: the generator ends in the same state."""
+    import torchvision.transforms.functional as TF
+    views, params, pillow = [], [], []
+    for i in range(24):
+        img = Image.fromarray(data.synthetic_scene(i, 96)[0]).resize((48, 48))
+        for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
+            per_image, batched = random.Random(i), random.Random(i)
+            pillow.append(data.normalize(data.color_augment(img, per_image, blur_p, solarize_p)))
+            params.append(data.draw_photometric(batched, blur_p, solarize_p))
+            assert per_image.getstate() == batched.getstate()
+            views.append(TF.pil_to_tensor(img))
+    views, params = torch.stack(views), torch.stack(params)
+    assert params[:, 0].sum() > 20 and params[:, 9].sum() > 3 and params[:, 12].sum() > 2
+    assert len({tuple(p[5:9].tolist()) for p in params if p[0]}) > 8     # many orders
+    out = data.photometric(views, params)
+    for view, p, o in zip(views, params, out):
+        off = (o - torchvision_colour(view, p)).abs() > 1e-3               # 0.06 grey level
+        assert off.float().mean() < 1e-3, p       # but a value at solarize's threshold may flip
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
+    for p, o, ref in zip(params, out, pillow):
+        levels = ((o - ref) * std * 255).abs()
+        if p[0]:
+            assert levels.mean() <= 2.5 and levels.quantile(0.99) <= 8, p
+        else:
+            assert levels.max() <= 1.0, p
+
+
+def test_views_finished_on_the_device_are_the_loaders_views(tmp_path):
+    """--photometric-on device (the default) and loader give a sample the same crop boxes, flips
+    and parameters, and after data.finish_on_device views within the stated grey levels."""
+    common = dict(n_images=4, scene_size=96, image_size=64, n_segments=20,
+                  superpixel_map=r2o.superpixel_map)
+    device = data.SyntheticDataset(**common)
+    loader = data.SyntheticDataset(photometric_on='loader', **common)
+    batch = data.collate([device[(3, i)] for i in range(4)])
+    reference = data.collate([loader[(3, i)] for i in range(4)])
+    assert batch['view1'].dtype == batch['raw'].dtype == torch.uint8
+    assert torch.equal(batch['boxes'], reference['boxes'])
+    assert torch.equal(batch['flips'], reference['flips'])
+    finished = data.finish_on_device(dict(batch))
+    assert 'photometric' not in finished
+    assert torch.allclose(finished['raw'], reference['raw'], atol=1e-5)
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
+    for name in ('view1', 'view2'):
+        assert ((finished[name] - reference[name]) * std * 255).abs().mean() <= 2.5
+    with pytest.raises(data.DataError, match='--photometric-on loader'):
+        data.SyntheticDataset(blur='pillow', **common)
+
+
 def test_flipped_view_gets_a_flipped_mask_end_to_end():
     """A view with flip=True shows the image mirrored, and its mask is mirrored the same way."""
     ds = data.SyntheticDataset(n_images=1, scene_size=64, image_size=64, n_segments=20,
@@ -1628,14 +1706,16 @@ def fake_cuda_steps(tmp_path, heads=r2o.heads):
     """The training loop's step on fake CUDA tensors, at K=8 (two --cluster-batch groups), K=1
     and superpixel masks: the batch copied to the device, masks, forward under bf16 autocast,
     stand-in gradients (backward needs a real GPU), LARS, EMA and the device-side counters."""
-    args, cpu_batch = tiny_batch(tmp_path, 'fake', '--cluster-batch', '4', '--image-size', '64')
+    args, cpu_batch = tiny_batch(tmp_path, 'fake', '--cluster-batch', '4', '--image-size', '64',
+                                 on_device=False)             # uint8 views: augmented on the GPU
+    assert cpu_batch['view1'].dtype == torch.uint8 and 'photometric' in cpu_batch
     cuda = torch.device('cuda')
     torch.manual_seed(0)
     cpu_model = r2o.R2O(r2o.build_encoder('resnet18'), 64, 32, heads)   # as r2o.main on a GPU
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*CUDA is not available')
         model = on_fake_cuda(cpu_model, mode)
-        optimizer = r2o.LARS(r2o.lars_param_groups(model))
+        optimizer = r2o.LARSForeach(r2o.lars_param_groups(model))      # as r2o.main
         run = dict(device=cuda, autocast=fake_bf16_autocast, kmeans_iters=3, cluster_batch=4,
                    cluster=functools.partial(r2o.kmeans, deterministic=True))
         sums = torch.zeros(2, dtype=torch.float64, device=cuda)

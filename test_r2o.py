@@ -800,6 +800,10 @@ def test_downsample_labels_takes_the_majority():
     expected = np.array([[9, 0, 7, 7]] + [[0, 0, 7, 7]] * 3)
     # ids renumbered 0..n-1 in sorted order: 0 -> 0, 7 -> 1, 9 -> 2
     assert np.array_equal(r2o.downsample_labels(labels, 4), np.searchsorted([0, 7, 9], expected))
+    wide = np.zeros((6, 12), np.int64)                   # not square: cells 3 x 6 pixels
+    wide[:, 6:] = 5
+    wide[:3, 4:6] = 3                                    # a third of cell (0, 0): outvoted
+    assert r2o.downsample_labels(wide, 2).tolist() == [[0, 1], [0, 1]]    # 3 gone, 5 -> 1
 
 
 def test_sample_has_the_documented_shapes():
@@ -813,6 +817,60 @@ def test_sample_has_the_documented_shapes():
     assert ((0 <= x0) & (x0 < x1) & (x1 <= 1) & (0 <= y0) & (y0 < y1) & (y1 <= 1)).all()
     assert torch.equal(ds[(0, 1)]['view1'], s['view1'])                  # seeded per sample
     assert not torch.equal(ds[(1, 1)]['view1'], s['view1'])              # ...and per epoch
+
+
+def test_random_crop_box_draws_inside_the_image_over_the_scale_and_log_ratio_ranges():
+    """RandomResizedCrop's box: inside the image, area a fraction in `scale` of the image's,
+    aspect w/h log-uniform in `ratio` (as many boxes wider than tall as taller than wide)."""
+    rng = random.Random(0)
+    for width, height in ((300, 100), (100, 300)):             # large boxes do not fit either way
+        for _ in range(300):
+            left, top, w, h = data.random_crop_box(rng, width, height)
+            assert 0 <= left and left + w <= width and 0 < w and 0 <= top and top + h <= height and 0 < h
+    boxes = [data.random_crop_box(rng, 1000, 800, scale=(0.1, 0.3)) for _ in range(2000)]
+    left, top, w, h = map(np.array, zip(*boxes))
+    area, aspect = w * h / (1000 * 800), w / h
+    assert area.min() > 0.099 and area.max() < 0.301 and abs(area.mean() - 0.2) < 0.01
+    assert aspect.min() < 0.76 and aspect.max() > 1.32 and (aspect > 3 / 4 - 0.01).all() \
+        and (aspect < 4 / 3 + 0.01).all()
+    assert abs((aspect > 1).mean() - 0.5) < 0.04                  # log-uniform: symmetric in log
+    assert (left + w).max() > 990 and (top + h).max() > 790 and left.min() < 10 and top.min() < 10
+
+
+def test_random_crop_box_falls_back_to_the_central_crop_with_the_ratio_clamped():
+    """No box fits a 10 x 1000 image: torchvision's fallback, centred, w/h clamped to 3/4..4/3."""
+    assert data.random_crop_box(random.Random(0), 10, 1000) == (0, (1000 - 13) // 2, 10, 13)
+    assert data.random_crop_box(random.Random(0), 1000, 10) == ((1000 - 13) // 2, 0, 13, 10)
+
+
+def test_two_views_show_their_boxes_flips_and_the_asymmetric_augmentations(monkeypatch):
+    """Each view is the image inside its box (normalised x0, y0, x1, y1), mirrored when its
+    flip is True; view 1 is always blurred and never solarised, view 2 blurred with p=0.1 and
+    solarised with p=0.2; `scale` bounds the boxes' areas."""
+    calls = []
+
+    def plain(view, rng, blur_p, solarize_p, **kw):        # no colour change: the view shows the crop
+        calls.append((blur_p, solarize_p))
+        return view
+    monkeypatch.setattr(data, 'color_augment', plain)
+    width, height = 240, 120
+    ramp = np.zeros((height, width, 3), np.uint8)           # red grows along x, green along y
+    ramp[..., 0] = np.linspace(0, 255, width)[None, :]
+    ramp[..., 1] = np.linspace(0, 255, height)[:, None]
+    img = Image.fromarray(ramp)
+    rng = random.Random(0)
+    for flip_p in (0.0, 1.0, 0.5):
+        for _ in range(10):
+            views, boxes, flips = data.two_views(img, 32, rng, flip_p=flip_p, scale=(0.3, 0.6))
+            assert flips.tolist() == [bool(flip_p)] * 2 or flip_p == 0.5
+            for view, (x0, y0, x1, y1), flip in zip(views, boxes.tolist(), flips.tolist()):
+                rgb = data.denormalize(view).astype(float)
+                assert abs(rgb[..., 0].mean() - 255 * (x0 + x1) / 2) < 4      # the box's place
+                assert abs(rgb[..., 1].mean() - 255 * (y0 + y1) / 2) < 4
+                assert 0.29 < (x1 - x0) * (y1 - y0) < 0.61                     # scale
+                rising = rgb[:, -1, 0].mean() > rgb[:, 0, 0].mean()
+                assert rising != flip                                          # mirrored iff flip
+    assert set(calls) == {(1.0, 0.0), (0.1, 0.2)} and calls[0::2] == [(1.0, 0.0)] * (len(calls) // 2)
 
 
 def blur_test_images():

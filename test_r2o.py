@@ -103,6 +103,15 @@ def test_kmeans_never_nan_when_clusters_empty():
     assert labels.view(-1, 2).diff(dim=1).abs().sum() == 0
 
 
+def test_kmeans_of_non_finite_features_gives_finite_centroids_and_valid_labels():
+    """A diverged network's NaN or infinite features are clustered as zero rows: no crash, no
+    NaN centroid, every label a cluster."""
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    x[3, 1], x[7], x[9, 0] = float('nan'), float('inf'), float('-inf')
+    labels, centroids = r2o.kmeans(x, 5, iters=5, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(centroids).all() and labels.min() >= 0 and labels.max() < 5
+
+
 def test_kmeans_ignores_rows_of_weight_zero():
     torch.manual_seed(0)
     centres = torch.randn(3, 8) * 10
@@ -182,6 +191,32 @@ def test_kmeans_seeding_never_draws_rows_of_weight_zero_unless_too_few_others(se
         seeds = getattr(r2o, seeding)(x, 5, torch.Generator().manual_seed(trial), weight)
         assert seeds.shape == (5, 4) and torch.isfinite(seeds).all()
         assert torch.cdist(x[[3, 30, 50]], seeds).amin(1).max() == 0
+
+
+@pytest.mark.parametrize('seeding', SEEDINGS)
+def test_kmeans_seeding_ignores_where_rows_of_weight_zero_lie(seeding):
+    """Rows of weight 0 count nowhere, not in the totals that pick a candidate either: moving
+    them elsewhere leaves the seeds drawn with the same generator unchanged."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 2, generator=g)
+    weight = torch.cat([torch.ones(60), torch.zeros(40)])
+    moved = x.clone()
+    moved[60:] = 30 * torch.randn(40, 2, generator=g) + 50
+    for trial in range(10):
+        seeds = [getattr(r2o, seeding)(rows, 8, torch.Generator().manual_seed(trial), weight)
+                 for rows in (x, moved)]
+        assert torch.equal(*seeds)
+
+
+def test_squared_distances_are_exact_for_far_away_rows_and_never_negative():
+    """Far from the origin the matrix product loses the small differences to rounding; what
+    comes out is still a distance: never below 0, 0 from a row to itself up to rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = 1000 + torch.randn(50, 16, generator=g)
+    d = r2o.squared_distances(x, x)
+    assert (d >= 0).all() and torch.allclose(d, torch.cdist(x, x) ** 2, atol=8.0)
+    x_sq = (x * x).sum(1, keepdim=True)                     # given by the caller: the same
+    assert torch.allclose(r2o.squared_distances(x, x[:5], x_sq), d[:, :5], atol=8.0)
 
 
 def test_kmeans_restarts_clusters_emptied_at_once_on_the_farthest_rows_one_each():

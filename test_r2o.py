@@ -290,6 +290,33 @@ def test_refine_clusters_the_whole_batch_together():
     assert labels[0, 0, 0] != labels[0, 0, 7]
 
 
+def test_refine_leaves_ids_absent_from_an_image_out_of_the_clustering():
+    """Absent ids (n_superpixels larger than the ids in use) take no cluster away from the
+    present superpixels: two present superpixels of different directions, k=2, two clusters."""
+    features = torch.zeros(1, 2, 2, 2)
+    features[0, 0] = 1.0
+    features[0, :, :, 1] = torch.tensor([0.8, 0.6])[:, None]    # right half: 37 degrees off
+    superpixels = torch.zeros(1, 8, 8, dtype=torch.long)
+    superpixels[0, :, 4:] = 1
+    for trial in range(10):
+        labels = r2o.refine(features, superpixels, 2, generator=torch.Generator().manual_seed(trial),
+                            n_superpixels=10)                   # ids 2..9 absent
+        assert labels[0, 0, 0] != labels[0, 0, 7]
+
+
+def test_masks_for_batch_without_k_are_the_superpixels_themselves():
+    """k None (DetCon-style): one mask per superpixel id, K = the largest id + 1."""
+    superpixels = torch.zeros(2, 16, 16, dtype=torch.long)
+    superpixels[:, :, 8:] = 1
+    superpixels[1, 8:, :] = 2
+    boxes = torch.tensor([[0., 0., 1., 1.]]).expand(2, 2, 4)
+    flips = torch.zeros(2, 2, dtype=torch.bool)
+    m1, m2, K = r2o.masks_for_batch(None, torch.zeros(2, 3, 64, 64), superpixels, boxes, flips, None)
+    assert K == 3 and m1.shape == m2.shape == (2, 3, 4)
+    assert torch.allclose(m1.sum(1), torch.ones(2, 4)) and torch.equal(m1, m2)
+    assert m1[0].tolist() == [[1., 0., 1., 0.], [0., 1., 0., 1.], [0., 0., 0., 0.]]
+
+
 def same_partition(a, b):
     """Whether two labellings group the same things together (cluster ids may differ)."""
     pairs = set(zip(a.flatten().tolist(), b.flatten().tolist()))

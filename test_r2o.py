@@ -868,6 +868,16 @@ def test_downsample_labels_takes_the_majority():
     assert r2o.downsample_labels(wide, 2).tolist() == [[0, 1], [0, 1]]    # 3 gone, 5 -> 1
 
 
+def test_superpixel_map_is_slic_with_the_given_settings_at_the_masks_resolution():
+    from skimage.segmentation import slic
+    image = data.synthetic_scene(0, 64)[0]
+    for n, compactness, sigma in ((20, 10.0, 0.0), (30, 30.0, 1.0)):
+        labels = slic(image, n_segments=n, compactness=compactness, sigma=sigma, start_label=0,
+                      channel_axis=-1)
+        ours = r2o.superpixel_map(image, n, 16, compactness, sigma)
+        assert ours.shape == (16, 16) and np.array_equal(ours, r2o.downsample_labels(labels, 16))
+
+
 def test_sample_has_the_documented_shapes():
     ds = data.SyntheticDataset(n_images=4, scene_size=96, image_size=64, n_segments=20,
                                superpixel_map=r2o.superpixel_map)

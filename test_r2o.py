@@ -595,6 +595,8 @@ def test_other_k_schedules():
     assert r2o.k_schedule(5, 10, 'none') is None
     lin = [r2o.k_schedule(e, 10, 'linear', 40, 4) for e in range(1, 11)]
     assert lin[-1] == 4 and all(a > b for a, b in zip(lin, lin[1:]))
+    # 6.67 and 5.33 round to the nearest
+    assert [r2o.k_schedule(e, 3, 'linear', 8, 4) for e in (1, 2, 3)] == [7, 5, 4]
 
 
 def test_learning_rate_and_momentum_schedules():

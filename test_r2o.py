@@ -251,6 +251,13 @@ def test_kmeans_seeding_rounds_add_half_as_many_centres_as_there_are():
         assert 1 + sum(sizes) == k and all(s >= 1 for s in sizes)
 
 
+def test_kmeans_labels_each_row_with_its_nearest_returned_centroid():
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(0))
+    for iters in (1, 2):                                 # unconverged: the last update moved them
+        labels, centroids = r2o.kmeans(x, 6, iters, torch.Generator().manual_seed(0))
+        assert torch.equal(labels, torch.cdist(x, centroids).argmin(1))
+
+
 def test_kmeans_caps_k_at_the_number_of_points():
     labels, centroids = r2o.kmeans(torch.randn(3, 4), 10)
     assert centroids.shape == (3, 4) and sorted(labels.tolist()) == [0, 1, 2]

@@ -113,6 +113,15 @@ def test_kmeans_never_nan_when_clusters_empty():
     assert labels.view(-1, 2).diff(dim=1).abs().sum() == 0
 
 
+def test_kmeans_of_non_finite_features_gives_finite_centroids_and_valid_labels():
+    """A diverged network's NaN or infinite features are clustered as zero rows: no crash, no
+    NaN centroid, every label a cluster."""
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    x[3, 1], x[7], x[9, 0] = float('nan'), float('inf'), float('-inf')
+    labels, centroids = r2o.kmeans(x, 5, iters=5, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(centroids).all() and labels.min() >= 0 and labels.max() < 5
+
+
 def test_kmeans_ignores_rows_of_weight_zero():
     torch.manual_seed(0)
     centres = torch.randn(3, 8) * 10
@@ -194,6 +203,32 @@ def test_kmeans_seeding_never_draws_rows_of_weight_zero_unless_too_few_others(se
         assert torch.cdist(x[[3, 30, 50]], seeds).amin(1).max() == 0
 
 
+@pytest.mark.parametrize('seeding', SEEDINGS)
+def test_kmeans_seeding_ignores_where_rows_of_weight_zero_lie(seeding):
+    """Rows of weight 0 count nowhere, not in the totals that pick a candidate either: moving
+    them elsewhere leaves the seeds drawn with the same generator unchanged."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 2, generator=g)
+    weight = torch.cat([torch.ones(60), torch.zeros(40)])
+    moved = x.clone()
+    moved[60:] = 30 * torch.randn(40, 2, generator=g) + 50
+    for trial in range(10):
+        seeds = [getattr(r2o, seeding)(rows, 8, torch.Generator().manual_seed(trial), weight)
+                 for rows in (x, moved)]
+        assert torch.equal(*seeds)
+
+
+def test_squared_distances_are_exact_for_far_away_rows_and_never_negative():
+    """Far from the origin the matrix product loses the small differences to rounding; what
+    comes out is still a distance: never below 0, 0 from a row to itself up to rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = 1000 + torch.randn(50, 16, generator=g)
+    d = r2o.squared_distances(x, x)
+    assert (d >= 0).all() and torch.allclose(d, torch.cdist(x, x) ** 2, atol=8.0)
+    x_sq = (x * x).sum(1, keepdim=True)                     # given by the caller: the same
+    assert torch.allclose(r2o.squared_distances(x, x[:5], x_sq), d[:, :5], atol=8.0)
+
+
 def test_kmeans_restarts_clusters_emptied_at_once_on_the_farthest_rows_one_each():
     """Given centres 0 and 2 far from every row, both clusters are empty after the first
     assignment: the first takes the row farthest from its centroid, the second the next one."""
@@ -224,6 +259,13 @@ def test_kmeans_seeding_rounds_add_half_as_many_centres_as_there_are():
     for k in range(1, 200):
         sizes = r2o.seeding_rounds(k)
         assert 1 + sum(sizes) == k and all(s >= 1 for s in sizes)
+
+
+def test_kmeans_labels_each_row_with_its_nearest_returned_centroid():
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(0))
+    for iters in (1, 2):                                 # unconverged: the last update moved them
+        labels, centroids = r2o.kmeans(x, 6, iters, torch.Generator().manual_seed(0))
+        assert torch.equal(labels, torch.cdist(x, centroids).argmin(1))
 
 
 def test_kmeans_caps_k_at_the_number_of_points():
@@ -263,6 +305,33 @@ def test_refine_clusters_the_whole_batch_together():
     assert labels.shape == (2, 8, 8)
     assert (labels[0, :, :4] == labels[1, :, :4]).all() and (labels[0, :, 4:] == labels[1, :, 4:]).all()
     assert labels[0, 0, 0] != labels[0, 0, 7]
+
+
+def test_refine_leaves_ids_absent_from_an_image_out_of_the_clustering():
+    """Absent ids (n_superpixels larger than the ids in use) take no cluster away from the
+    present superpixels: two present superpixels of different directions, k=2, two clusters."""
+    features = torch.zeros(1, 2, 2, 2)
+    features[0, 0] = 1.0
+    features[0, :, :, 1] = torch.tensor([0.8, 0.6])[:, None]    # right half: 37 degrees off
+    superpixels = torch.zeros(1, 8, 8, dtype=torch.long)
+    superpixels[0, :, 4:] = 1
+    for trial in range(10):
+        labels = r2o.refine(features, superpixels, 2, generator=torch.Generator().manual_seed(trial),
+                            n_superpixels=10)                   # ids 2..9 absent
+        assert labels[0, 0, 0] != labels[0, 0, 7]
+
+
+def test_masks_for_batch_without_k_are_the_superpixels_themselves():
+    """k None (DetCon-style): one mask per superpixel id, K = the largest id + 1."""
+    superpixels = torch.zeros(2, 16, 16, dtype=torch.long)
+    superpixels[:, :, 8:] = 1
+    superpixels[1, 8:, :] = 2
+    boxes = torch.tensor([[0., 0., 1., 1.]]).expand(2, 2, 4)
+    flips = torch.zeros(2, 2, dtype=torch.bool)
+    m1, m2, K = r2o.masks_for_batch(None, torch.zeros(2, 3, 64, 64), superpixels, boxes, flips, None)
+    assert K == 3 and m1.shape == m2.shape == (2, 3, 4)
+    assert torch.allclose(m1.sum(1), torch.ones(2, 4)) and torch.equal(m1, m2)
+    assert m1[0].tolist() == [[1., 0., 1., 0.], [0., 1., 0., 1.], [0., 0., 0., 0.]]
 
 
 def same_partition(a, b):
@@ -543,6 +612,8 @@ def test_other_k_schedules():
     assert r2o.k_schedule(5, 10, 'none') is None
     lin = [r2o.k_schedule(e, 10, 'linear', 40, 4) for e in range(1, 11)]
     assert lin[-1] == 4 and all(a > b for a, b in zip(lin, lin[1:]))
+    # 6.67 and 5.33 round to the nearest
+    assert [r2o.k_schedule(e, 3, 'linear', 8, 4) for e in (1, 2, 3)] == [7, 5, 4]
 
 
 def test_learning_rate_and_momentum_schedules():
@@ -810,6 +881,20 @@ def test_downsample_labels_takes_the_majority():
     expected = np.array([[9, 0, 7, 7]] + [[0, 0, 7, 7]] * 3)
     # ids renumbered 0..n-1 in sorted order: 0 -> 0, 7 -> 1, 9 -> 2
     assert np.array_equal(r2o.downsample_labels(labels, 4), np.searchsorted([0, 7, 9], expected))
+    wide = np.zeros((6, 12), np.int64)                   # not square: cells 3 x 6 pixels
+    wide[:, 6:] = 5
+    wide[:3, 4:6] = 3                                    # a third of cell (0, 0): outvoted
+    assert r2o.downsample_labels(wide, 2).tolist() == [[0, 1], [0, 1]]    # 3 gone, 5 -> 1
+
+
+def test_superpixel_map_is_slic_with_the_given_settings_at_the_masks_resolution():
+    from skimage.segmentation import slic
+    image = data.synthetic_scene(0, 64)[0]
+    for n, compactness, sigma in ((20, 10.0, 0.0), (30, 30.0, 1.0)):
+        labels = slic(image, n_segments=n, compactness=compactness, sigma=sigma, start_label=0,
+                      channel_axis=-1)
+        ours = r2o.superpixel_map(image, n, 16, compactness, sigma)
+        assert ours.shape == (16, 16) and np.array_equal(ours, r2o.downsample_labels(labels, 16))
 
 
 def test_sample_has_the_documented_shapes():
@@ -823,6 +908,60 @@ def test_sample_has_the_documented_shapes():
     assert ((0 <= x0) & (x0 < x1) & (x1 <= 1) & (0 <= y0) & (y0 < y1) & (y1 <= 1)).all()
     assert torch.equal(ds[(0, 1)]['view1'], s['view1'])                  # seeded per sample
     assert not torch.equal(ds[(1, 1)]['view1'], s['view1'])              # ...and per epoch
+
+
+def test_random_crop_box_draws_inside_the_image_over_the_scale_and_log_ratio_ranges():
+    """RandomResizedCrop's box: inside the image, area a fraction in `scale` of the image's,
+    aspect w/h log-uniform in `ratio` (as many boxes wider than tall as taller than wide)."""
+    rng = random.Random(0)
+    for width, height in ((300, 100), (100, 300)):             # large boxes do not fit either way
+        for _ in range(300):
+            left, top, w, h = data.random_crop_box(rng, width, height)
+            assert 0 <= left and left + w <= width and 0 < w and 0 <= top and top + h <= height and 0 < h
+    boxes = [data.random_crop_box(rng, 1000, 800, scale=(0.1, 0.3)) for _ in range(2000)]
+    left, top, w, h = map(np.array, zip(*boxes))
+    area, aspect = w * h / (1000 * 800), w / h
+    assert area.min() > 0.099 and area.max() < 0.301 and abs(area.mean() - 0.2) < 0.01
+    assert aspect.min() < 0.76 and aspect.max() > 1.32 and (aspect > 3 / 4 - 0.01).all() \
+        and (aspect < 4 / 3 + 0.01).all()
+    assert abs((aspect > 1).mean() - 0.5) < 0.04                  # log-uniform: symmetric in log
+    assert (left + w).max() > 990 and (top + h).max() > 790 and left.min() < 10 and top.min() < 10
+
+
+def test_random_crop_box_falls_back_to_the_central_crop_with_the_ratio_clamped():
+    """No box fits a 10 x 1000 image: torchvision's fallback, centred, w/h clamped to 3/4..4/3."""
+    assert data.random_crop_box(random.Random(0), 10, 1000) == (0, (1000 - 13) // 2, 10, 13)
+    assert data.random_crop_box(random.Random(0), 1000, 10) == ((1000 - 13) // 2, 0, 13, 10)
+
+
+def test_two_views_show_their_boxes_flips_and_the_asymmetric_augmentations(monkeypatch):
+    """Each view is the image inside its box (normalised x0, y0, x1, y1), mirrored when its
+    flip is True; view 1 is always blurred and never solarised, view 2 blurred with p=0.1 and
+    solarised with p=0.2; `scale` bounds the boxes' areas."""
+    calls = []
+
+    def plain(view, rng, blur_p, solarize_p, **kw):        # no colour change: the view shows the crop
+        calls.append((blur_p, solarize_p))
+        return view
+    monkeypatch.setattr(data, 'color_augment', plain)
+    width, height = 240, 120
+    ramp = np.zeros((height, width, 3), np.uint8)           # red grows along x, green along y
+    ramp[..., 0] = np.linspace(0, 255, width)[None, :]
+    ramp[..., 1] = np.linspace(0, 255, height)[:, None]
+    img = Image.fromarray(ramp)
+    rng = random.Random(0)
+    for flip_p in (0.0, 1.0, 0.5):
+        for _ in range(10):
+            views, boxes, flips = data.two_views(img, 32, rng, flip_p=flip_p, scale=(0.3, 0.6))
+            assert flips.tolist() == [bool(flip_p)] * 2 or flip_p == 0.5
+            for view, (x0, y0, x1, y1), flip in zip(views, boxes.tolist(), flips.tolist()):
+                rgb = data.denormalize(view).astype(float)
+                assert abs(rgb[..., 0].mean() - 255 * (x0 + x1) / 2) < 4      # the box's place
+                assert abs(rgb[..., 1].mean() - 255 * (y0 + y1) / 2) < 4
+                assert 0.29 < (x1 - x0) * (y1 - y0) < 0.61                     # scale
+                rising = rgb[:, -1, 0].mean() > rgb[:, 0, 0].mean()
+                assert rising != flip                                          # mirrored iff flip
+    assert set(calls) == {(1.0, 0.0), (0.1, 0.2)} and calls[0::2] == [(1.0, 0.0)] * (len(calls) // 2)
 
 
 def blur_test_images():

@@ -952,7 +952,7 @@ def test_two_views_show_their_boxes_flips_and_the_asymmetric_augmentations(monke
     rng = random.Random(0)
     for flip_p in (0.0, 1.0, 0.5):
         for _ in range(10):
-            views, boxes, flips = data.two_views(img, 32, rng, flip_p=flip_p, scale=(0.3, 0.6))
+            views, boxes, flips, _ = data.two_views(img, 32, rng, flip_p=flip_p, scale=(0.3, 0.6))
             assert flips.tolist() == [bool(flip_p)] * 2 or flip_p == 0.5
             for view, (x0, y0, x1, y1), flip in zip(views, boxes.tolist(), flips.tolist()):
                 rgb = data.denormalize(view).astype(float)
@@ -962,6 +962,20 @@ def test_two_views_show_their_boxes_flips_and_the_asymmetric_augmentations(monke
                 rising = rgb[:, -1, 0].mean() > rgb[:, 0, 0].mean()
                 assert rising != flip                                          # mirrored iff flip
     assert set(calls) == {(1.0, 0.0), (0.1, 0.2)} and calls[0::2] == [(1.0, 0.0)] * (len(calls) // 2)
+    # on_device: the same crops and flips as uint8, and the asymmetric pair in the parameters
+    monkeypatch.undo()                                    # the real colour augmentation's draws
+    params = []
+    for i in range(200):
+        views, boxes, flips, p = data.two_views(img, 32, random.Random(i), scale=(0.3, 0.6),
+                                                on_device=True)
+        ref_views, ref_boxes, ref_flips, _ = data.two_views(img, 32, random.Random(i),
+                                                            scale=(0.3, 0.6))
+        assert torch.equal(boxes, ref_boxes) and torch.equal(flips, ref_flips)
+        assert views[0].dtype == torch.uint8 and views[0].shape == (3, 32, 32)
+        params.append(p)
+    params = torch.stack(params)                                        # 200 x 2 x PARAMS
+    assert params[:, 0, 10].all() and not params[:, 0, 12].any()        # view 1: blur, no solarize
+    assert 0.03 < params[:, 1, 10].float().mean() < 0.2 and 0.1 < params[:, 1, 12].float().mean() < 0.3
 
 
 def blur_test_images():

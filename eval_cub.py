@@ -47,6 +47,14 @@ keys, no flag needed (see load_encoder).
     (the names are mapped to torchvision's, so the network must be torchvision's ResNet, RGB input
     and stride in the 3x3 conv, STRIDE_IN_1X1: False, as the authors' detectron2 config has it;
     detectron2's own MSRA ResNets load too but are a different network)
+    a ViT: our backbone.pt of an --arch vit_s_16 / vit_b_16 run (a torchvision VisionTransformer
+    state_dict), or DINO's released ViT-S/16 and ViT-B/16 (timm's names, mapped onto
+    torchvision's VisionTransformer; the position embedding is interpolated for another input
+    size than 224); k-means runs on the patch tokens of block 9 of 12 (--layer):
+        python eval_cub.py https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth \
+            --data /path/to/CUB_200_2011
+        python eval_cub.py https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth \
+            --data /path/to/CUB_200_2011
 A .pkl is read with an unpickler that builds numpy arrays and plain containers only, and torch's
 files with torch.load(weights_only=True), so a weights file cannot run code here, whether it
 comes from disk or from a URL.
@@ -110,7 +118,10 @@ def get_args_parser(add_help=True):
                         "backbone.pt; the R2O authors' training checkpoint (r2o_checkpoint.pth, "
                         "'module.online_network.encoder.*'); a torchvision ResNet state_dict "
                         "(prefixes module./encoder./backbone. and a classifier's fc.* are fine); "
-                        "a detectron2 .pkl (model_final.pkl, read as numpy arrays only)")
+                        "a detectron2 .pkl (model_final.pkl, read as numpy arrays only); a "
+                        "torchvision VisionTransformer state_dict (our ViT backbone.pt) or a "
+                        "timm-style ViT (DINO's dino_deitsmall16_pretrain.pth, "
+                        "dino_vitbase16_pretrain.pth)")
     g.add_argument('--random-init', action='store_true',
                    help='the untrained encoder (seeded by --seed): the reference any training must beat')
     g.add_argument('--colour-baseline', '--color-baseline', dest='colour_baseline',
@@ -151,7 +162,7 @@ def get_args_parser(add_help=True):
     g = p.add_argument_group('protocol')
     g.add_argument('--input-size', type=int, default=None,
                    help='images are resized to this square (aspect not kept, as R2O\'s raw view); '
-                        'a multiple of 32 (224 on CUB, 128 on the built-in set)')
+                        'a multiple of 32 for a ResNet, of 16 for a ViT (224 on CUB, 128 on the built-in set)')
     g.add_argument('--layer', default=None,
                    help=f'encoder features to cluster (default: what R2O clusters in training, '
                         f'r2o.feature_maps). A ResNet: {r2o.CLUSTER_LAYER} (stride '

@@ -21,6 +21,9 @@ Several nodes (run on each, with its --node_rank):
         r2o.py --data /path/to/imagenet
 Baselines: `--k-schedule constant --k-max 1 --no-lr-k-scale` is BYOL; `--k-schedule none` uses
 the superpixels themselves as masks (DetCon-style).
+A Vision Transformer (torchvision's VisionTransformer; masks on its 16-pixel patch grid, AdamW
+with DINO's weight decay schedule and gradient clipping by default):
+    python r2o.py --arch vit_s_16 --data /path/to/imagenet
 """
 import argparse
 import copy

@@ -1045,8 +1045,8 @@ def get_args_parser(add_help=True):
 
     g = p.add_argument_group('run')
     g.add_argument('--output-dir', default=None,
-                   help='where checkpoints, logs and pictures go (runs/<data>-<k-schedule>); a '
-                        'checkpoint.pt already there is resumed')
+                   help='where checkpoints, logs and pictures go (runs/<data>-<k-schedule>, '
+                        'with -<arch> for a ViT); a checkpoint.pt already there is resumed')
     g.add_argument('--resume', default=None, help='continue from this checkpoint.pt')
     g.add_argument('--seed', type=int, default=0, help='any non-negative integer')
     g.add_argument('--save-every', type=int, default=None,
@@ -1089,7 +1089,8 @@ def resolve_args(args):
         # the name as given, a link not resolved: --data imagenet100 -> runs/imagenet100-...
         name = 'synthetic' if args.data == 'synthetic' else Path(os.path.abspath(args.data)).name
         sched = args.k_schedule + (str(args.k_max) if args.k_schedule == 'constant' else '')
-        args.output_dir = str(Path('runs') / f'{name}-{sched}')
+        vit = f'-{args.arch}' if args.arch in VIT_ARCHS else ''     # beside a ResNet run
+        args.output_dir = str(Path('runs') / f'{name}-{sched}{vit}')
     if args.image_size % stride:
         raise data.DataError(f'--image-size must be a multiple of {stride} for {args.arch} '
                              f'(got {args.image_size})')
@@ -1300,7 +1301,7 @@ def main(args):
         kind = (f'VisionTransformer ({args.arch}, image_size={args.image_size})'
                 if args.arch in VIT_ARCHS else args.arch)
         print(f'done: {output_dir}/backbone.pt (torchvision {kind} state_dict), '
-              f'checkpoint.pt, log.txt, masks-epoch*.png', flush=True)
+              'checkpoint.pt, log.txt' + (', masks-epoch*.png' if args.vis_every else ''), flush=True)
     if ddp:
         dist.destroy_process_group()
 

@@ -1050,8 +1050,9 @@ def cluster_batch(net, batch, args, device, first_index):
     if net is None:
         features = lab_features(batch['image']).to(device)
     else:
+        layer = args.layer or r2o.feature_maps(net)['cluster']      # check_layer fills it
         features = r2o.encoder_features(net, batch['input'].to(device, non_blocking=True),
-                                        args.layer).float()
+                                        layer).float()
     superpixels = batch['superpixels'].to(device, non_blocking=True)
     cluster = r2o.clustering(args.kmeans_seeding)
     maps = []

@@ -1471,7 +1471,8 @@ class HostSyncs(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         why = None
-        if name in self.READS:
+        on_gpu = any(isinstance(a, torch.Tensor) and a.device.type == 'cuda' for a in args)
+        if name in self.READS and on_gpu:     # a CPU tensor's value (AdamW's step count) waits for no GPU
             why = 'reads a value or a value-dependent shape'
         elif name in ('_to_copy', 'copy_'):
             src = args[0] if name == '_to_copy' else args[1]
@@ -1518,18 +1519,22 @@ def on_fake_cuda(module, mode):
     return module
 
 
-def fake_cuda_steps(tmp_path, heads=r2o.heads):
+def fake_cuda_steps(tmp_path, heads=r2o.heads, vit=False):
     """The training loop's step on fake CUDA tensors, at K=8 (two --cluster-batch groups), K=1
     and superpixel masks: the batch copied to the device, masks, forward under bf16 autocast,
-    stand-in gradients (backward needs a real GPU), LARS, EMA and the device-side counters."""
+    stand-in gradients (backward needs a real GPU), LARS, EMA and the device-side counters.
+    vit: a 2-block ViT and AdamW, its weight decay set and the gradients clipped each step."""
     args, cpu_batch = tiny_batch(tmp_path, 'fake', '--cluster-batch', '4', '--image-size', '64')
     cuda = torch.device('cuda')
     torch.manual_seed(0)
-    cpu_model = r2o.R2O(r2o.build_encoder('resnet18'), 64, 32, heads)   # as r2o.main on a GPU
+    encoder = tiny_vit() if vit else r2o.build_encoder('resnet18')
+    cpu_model = r2o.R2O(encoder, 64, 32, heads)   # as r2o.main on a GPU
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*CUDA is not available')
         model = on_fake_cuda(cpu_model, mode)
-        optimizer = r2o.LARS(r2o.lars_param_groups(model))
+        optimizer = (torch.optim.AdamW(r2o.adamw_param_groups(model)) if vit
+                     else r2o.LARS(r2o.lars_param_groups(model)))
+        update = dict(weight_decay=0.1, clip_grad=3.0) if vit else {}
         run = dict(device=cuda, autocast=fake_bf16_autocast, kmeans_iters=3, cluster_batch=4,
                    cluster=functools.partial(r2o.kmeans, deterministic=True))
         sums = torch.zeros(2, dtype=torch.float64, device=cuda)
@@ -1541,7 +1546,7 @@ def fake_cuda_steps(tmp_path, heads=r2o.heads):
                 for p in model.parameters():
                     if p.requires_grad:
                         p.grad = torch.randn_like(p)
-                r2o.step_update(model, optimizer, 0.1, 0.99)
+                r2o.step_update(model, optimizer, 0.1, 0.99, **update)
                 sums += torch.stack([loss.detach().double(), pairs.double()])
             results.append((loss, pairs))
         return results, sums, model
@@ -1554,6 +1559,13 @@ def test_fake_cuda_training_step_has_no_device_error_and_no_host_sync(tmp_path):
         assert pairs.device.type == 'cuda'
     assert sums.device.type == 'cuda'
     assert model.target_encoder.conv1.weight.device.type == 'cuda'
+
+
+def test_fake_cuda_vit_step_has_no_device_error_and_no_host_sync(tmp_path):
+    results, sums, model = fake_cuda_steps(tmp_path, vit=True)
+    for loss, pairs in results:
+        assert loss.device.type == 'cuda' and loss.dtype == torch.float32 and loss.dim() == 0
+    assert model.target_encoder.conv_proj.weight.device.type == 'cuda'
 
 
 def test_mask_pictures_and_evaluation_cluster_with_the_runs_clustering(tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ with the target encoder's own features, and the number of clusters K shrinks ove
 
 This file reads top to bottom as the paper: first the method, as plain functions of tensors
 (the backbone's feature maps, superpixel pooling, k-means, the refinement, masks per view, mask
-pooling, the overlap indicator, the loss, the K curriculum, the schedules, LARS, the EMA); then,
-in its own section, what exists only for speed; then the training script.
+pooling, the overlap indicator, the loss, the K curriculum, the schedules, LARS, a ViT's AdamW
+groups and weight decay schedule, the EMA); then, in its own section, what exists only for
+speed; then the training script.
 
 Try it (CPU, no data, 3-4 minutes on 2 cores; writes runs/synthetic-cosine/):
     python r2o.py
@@ -71,7 +72,9 @@ STRIDE = {'layer3': 16, 'layer4': 32}
 # ViT (torchvision's VisionTransformer, patch 16): the patch tokens as a 14 x 14 map at 224 px,
 # the class token kept in the network but not in the map. 'blockN' is block N's output (counted
 # from 1), 'norm' the last block's after the final LayerNorm: the loss pools 'norm', the
-# refinement clusters the block VIT_CLUSTER_FROM_END blocks before the last (block 9 of 12).
+# refinement clusters the block VIT_CLUSTER_FROM_END blocks before the last (block 9 of 12),
+# as a ResNet clusters the stage before the pooled one: a block short of the end, whose tokens
+# keep more of where they are than the ones the objective shapes most (README, ViT section).
 VIT_POOL_LAYER = 'norm'
 VIT_CLUSTER_FROM_END = 3
 VIT_ARCHS = dict(vit_s_16=dict(patch_size=16, num_layers=12, num_heads=6, hidden_dim=384,

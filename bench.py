@@ -31,6 +31,11 @@ processes kept busy, and warns when that is not about zero.
 9. the Gaussian blur of one 224 px view on one thread, at sigmas drawn as the loader draws them:
    data.gaussian_blur (the reference's 23-tap Gaussian, separable: the default) vs. Pillow's
    box-filter approximation (--blur pillow) vs. the same Gaussian as a 2-D 23 x 23 kernel.
+10. (not in the default --parts; --parts vit) one training step with a ViT-S/16 and AdamW (its
+   weight decay set and gradients clipped each step, as r2o.py --arch vit_s_16 trains): R2O with
+   K=128 and K=4 vs. BYOL (K=1) with the same ViT and batch. CPU: 64 px, batch 32, 24
+   superpixels; GPU: 224 px, batch 32, 100 superpixels, bf16 autocast.
+    python bench.py --parts vit
 """
 import argparse
 import json
@@ -65,6 +70,10 @@ STEP_CPU = dict(arch='resnet18', image_size=64, batch_size=32, superpixels=24)
 STEP_GPU = dict(arch='resnet50', image_size=224, batch_size=32, superpixels=100)
 STEP_QUICK = dict(arch='resnet18', image_size=64, batch_size=8, superpixels=24)
 K_R2O = (128, 4)            # the curriculum's two ends
+# part 10: part 2's step with a ViT-S/16 (r2o.py --arch vit_s_16) and its AdamW
+VIT_CPU = dict(STEP_CPU, arch='vit_s_16')
+VIT_GPU = dict(STEP_GPU, arch='vit_s_16')
+VIT_QUICK = dict(STEP_QUICK, arch='vit_s_16')
 # K=128 again with the empty rows computed the other device's way: merged
 # (heads_merging_empty_rows, the CPU's default) on a GPU, every row through the heads (the GPU's
 # default) on a CPU
@@ -82,7 +91,8 @@ def get_args_parser():
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--parts', default='loader,step,kmeans,memory,masks,loop,batches,flops,blur',
                    help='comma-separated subset of: loader, step, kmeans, memory, masks, loop, '
-                        'batches, flops, blur (all)')
+                        'batches, flops, blur (all of these), vit (a ViT-S/16 step: not in the '
+                        'default)')
     p.add_argument('--loader-images', type=int, default=None,
                    help='JPEG scenes per loader pass (48; quick 3)')
     p.add_argument('--loader-rounds', type=int, default=None,
@@ -312,9 +322,9 @@ def deterministic_algorithms(on):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, benchmark
 
 
-def train_step(model, optimizer, batch, k, run, device):
+def train_step(model, optimizer, batch, k, run, device, **update):
     """One step as r2o.train_one_epoch takes it (the same three calls); returns ms per phase and
-    the mask pairs used."""
+    the mask pairs used. update: step_update's weight_decay and clip_grad (AdamW's)."""
     with deterministic_algorithms(run['deterministic']):
         t = [clock(device)]
         loss, pairs = r2o.step_loss(model, model, batch, k, r2o.step_generator(0, 0, 0), run)
@@ -322,7 +332,7 @@ def train_step(model, optimizer, batch, k, run, device):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t.append(clock(device))
-        r2o.step_update(model, optimizer, optimizer.param_groups[0]['lr'], 0.99)
+        r2o.step_update(model, optimizer, optimizer.param_groups[0]['lr'], 0.99, **update)
         t.append(clock(device))
     ms = np.diff(t) * 1000
     return dict(loss=ms[0], backward=ms[1], update=ms[2], total=ms.sum()), int(pairs)
@@ -366,6 +376,39 @@ def bench_step(cfg, batch, device, iters, steps, warmup):
                                              out['variants'][K_R2O[0]]['ms']['total'])
     out['refinement'] = bench_refinement(runs[K_R2O[0]][0], batch, cfg, iters, device, steps)
     return out, runs[K_R2O[0]][0]
+
+
+def bench_vit(cfg, device, iters, steps, warmup):
+    """Part 10: R2O's step at K=128 and K=4 against BYOL's (K=1), every variant with the same
+    ViT-S/16 (same seed) and batch, AdamW with DINO's groups at lr 5e-4 x batch/256, weight
+    decay 0.04 and gradients clipped to 3.0 each step, as r2o.py trains a ViT."""
+    batch = step_batch(cfg, device)
+    variants = [*K_R2O, 1]
+    runs = {}
+    for k in variants:
+        torch.manual_seed(0)
+        model = r2o.build_model(cfg['arch'], merge_empty_rows=device.type == 'cpu',
+                                image_size=cfg['image_size']).to(device).train()
+        optimizer = torch.optim.AdamW(r2o.adamw_param_groups(model), weight_decay=0.04,
+                                      lr=5e-4 * cfg['batch_size'] / 256)
+        runs[k] = model, optimizer
+    run = step_run(device, iters)
+    update = dict(weight_decay=0.04, clip_grad=3.0)
+    for _ in range(warmup):
+        for k in variants:
+            train_step(*runs[k], batch, k, run, device, **update)
+    phases = {k: [] for k in variants}
+    for _ in range(steps):                       # interleaved, so drift hits every variant
+        for k in variants:
+            phases[k].append(train_step(*runs[k], batch, k, run, device, **update)[0])
+    out = dict(config=cfg, steps=steps, warmup=warmup, kmeans_iters=iters, variants={})
+    for k in variants:
+        out['variants'][k] = dict(ms={name: statistics.median(p[name] for p in phases[k])
+                                      for name in phases[k][0]})
+    for k in variants:
+        out['variants'][k]['over_byol'] = (out['variants'][k]['ms']['total'] /
+                                           out['variants'][1]['ms']['total'])
+    return out
 
 
 @torch.no_grad()
@@ -827,6 +870,14 @@ def verdict(ok):
 def summary_rows(res):
     """(figure, value, baseline, ratio, target, PASS/FAIL or '') rows for the final table."""
     rows = []
+    if 'vit' in res:
+        V = res['vit']
+        c, byol = V['config'], V['variants'][1]['ms']['total']
+        for k in K_R2O:
+            v = V['variants'][k]
+            rows.append((f'ViT step R2O K={k} ({c["arch"]} {c["image_size"]}px b{c["batch_size"]}, '
+                         'AdamW)', f'{v["ms"]["total"]:.0f} ms', f'BYOL-ViT {byol:.0f}',
+                         f'{v["over_byol"]:.2f}x', '(info)', ''))
     if 'loader' in res:
         L = res['loader']
         rows.append(('loader/worker: cached, epoch 2', f'{L["ms_per_sample_cached"]:.1f} ms/img',
@@ -1071,6 +1122,16 @@ def print_details(res):
               f'(torchvision) {G["ms_kernel2d"]:.1f}\n'
               f'   separable vs 2-D: at most {G["separable_vs_kernel2d_max_diff"]} grey level apart, '
               f'{100 * G["separable_vs_kernel2d_differing"]:.4f}% of the values differ')
+    if 'vit' in res:
+        V = res['vit']
+        c = V['config']
+        print(f'\n10. one step with a ViT ({c["arch"]}, {c["image_size"]} px, batch {c["batch_size"]}, '
+              f'{c["superpixels"]} superpixels, AdamW, gradients clipped), median of {V["steps"]}, ms '
+              '(loss incl. masks | backward | update + EMA | total):')
+        for k, v in V['variants'].items():
+            ms = v['ms']
+            print(f'   {"BYOL (K=1)" if k == 1 else f"R2O K={k}":<11} {ms["loss"]:8.1f} {ms["backward"]:8.1f} '
+                  f'{ms["update"]:7.1f} {ms["total"]:8.1f}  ({v["over_byol"]:.2f}x BYOL)')
 
 
 def main(args):
@@ -1080,7 +1141,8 @@ def main(args):
     if args.memory_child is not None:
         return memory_child(args.memory_child, args.quick, device, args.kmeans_iters)
     parts = set(args.parts.split(','))
-    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'masks', 'loop', 'batches', 'flops', 'blur'}
+    unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'masks', 'loop', 'batches', 'flops',
+                       'blur', 'vit'}
     if unknown:
         raise SystemExit(f'--parts: unknown {", ".join(sorted(unknown))}')
     if parts & {'kmeans', 'memory', 'loop'}:
@@ -1157,6 +1219,12 @@ def main(args):
             begin('9. blur')
             res['blur'] = bench_blur(pick(args.blur_calls, 200, 20), args.scene_size)
             end('9. blur')
+        if 'vit' in parts:
+            begin('10. ViT step')
+            cfg = dict(VIT_QUICK if q else VIT_GPU if device.type == 'cuda' else VIT_CPU)
+            res['vit'] = bench_vit(cfg, device, args.kmeans_iters, pick(args.steps, 8, 1),
+                                   pick(args.warmup, 2, 1))
+            end('10. ViT step')
     res['machine']['load_average_at_end'] = [round(x, 2) for x in os.getloadavg()]
     res['machine']['busy_cores_at_end'] = busy_cores()
     res['wall_s'] = round(time.perf_counter() - start, 1)

@@ -47,6 +47,14 @@ keys, no flag needed (see load_encoder).
     (the names are mapped to torchvision's, so the network must be torchvision's ResNet, RGB input
     and stride in the 3x3 conv, STRIDE_IN_1X1: False, as the authors' detectron2 config has it;
     detectron2's own MSRA ResNets load too but are a different network)
+    a ViT: our backbone.pt of an --arch vit_s_16 / vit_b_16 run (a torchvision VisionTransformer
+    state_dict), or DINO's released ViT-S/16 and ViT-B/16 (timm's names, mapped onto
+    torchvision's VisionTransformer; the position embedding is interpolated for another input
+    size than 224); k-means runs on the patch tokens of block 9 of 12 (--layer):
+        python eval_cub.py https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth \
+            --data /path/to/CUB_200_2011
+        python eval_cub.py https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth \
+            --data /path/to/CUB_200_2011
 A .pkl is read with an unpickler that builds numpy arrays and plain containers only, and torch's
 files with torch.load(weights_only=True), so a weights file cannot run code here, whether it
 comes from disk or from a URL.
@@ -57,6 +65,7 @@ import hashlib
 import http.client
 import importlib
 import json
+import math
 import os
 import pickle
 import posixpath
@@ -76,7 +85,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image, ImageDraw
 from skimage.color import rgb2lab
 from torch.utils.data import DataLoader, Dataset
@@ -107,7 +118,10 @@ def get_args_parser(add_help=True):
                         "backbone.pt; the R2O authors' training checkpoint (r2o_checkpoint.pth, "
                         "'module.online_network.encoder.*'); a torchvision ResNet state_dict "
                         "(prefixes module./encoder./backbone. and a classifier's fc.* are fine); "
-                        "a detectron2 .pkl (model_final.pkl, read as numpy arrays only)")
+                        "a detectron2 .pkl (model_final.pkl, read as numpy arrays only); a "
+                        "torchvision VisionTransformer state_dict (our ViT backbone.pt) or a "
+                        "timm-style ViT (DINO's dino_deitsmall16_pretrain.pth, "
+                        "dino_vitbase16_pretrain.pth)")
     g.add_argument('--random-init', action='store_true',
                    help='the untrained encoder (seeded by --seed): the reference any training must beat')
     g.add_argument('--colour-baseline', '--color-baseline', dest='colour_baseline',
@@ -115,8 +129,8 @@ def get_args_parser(add_help=True):
                    help='no network: cluster superpixels by their mean Lab colour (the no-learning '
                         'reference; majority vote is generous, so this is the one to beat)')
     g.add_argument('--arch', default=None,
-                   help='resnet18/34/50/101/152; read from the file when not given (random init: '
-                        'resnet18 on the built-in set, resnet50 on CUB)')
+                   help='resnet18/34/50/101/152, vit_s_16, vit_b_16; read from the file when not '
+                        'given (random init: resnet18 on the built-in set, resnet50 on CUB)')
     g.add_argument('--encoder', default=None, choices=['online', 'target'],
                    help='which encoder of a training checkpoint, ours or the authors\' (default '
                         'online, the one exported as backbone.pt; target is the EMA network)')
@@ -148,11 +162,16 @@ def get_args_parser(add_help=True):
     g = p.add_argument_group('protocol')
     g.add_argument('--input-size', type=int, default=None,
                    help='images are resized to this square (aspect not kept, as R2O\'s raw view); '
-                        'a multiple of 32 (224 on CUB, 128 on the built-in set)')
-    g.add_argument('--layer', default=r2o.CLUSTER_LAYER, choices=[r2o.CLUSTER_LAYER, r2o.POOL_LAYER],
-                   help=f'encoder features to cluster: {r2o.CLUSTER_LAYER} (stride '
-                        f'{r2o.STRIDE[r2o.CLUSTER_LAYER]}, what R2O clusters in training) or '
-                        f'{r2o.POOL_LAYER} (stride {r2o.STRIDE[r2o.POOL_LAYER]}, the exported output)')
+                        'a multiple of 32 for a ResNet, of 16 for a ViT (224 on CUB, 128 on the built-in set)')
+    g.add_argument('--layer', default=None,
+                   help=f'encoder features to cluster (default: what R2O clusters in training, '
+                        f'r2o.feature_maps). A ResNet: {r2o.CLUSTER_LAYER} (stride '
+                        f'{r2o.STRIDE[r2o.CLUSTER_LAYER]}) or {r2o.POOL_LAYER} (stride '
+                        f'{r2o.STRIDE[r2o.POOL_LAYER]}, the exported output); a ViT: the patch '
+                        f'tokens of blockN (N from 1; default the block '
+                        f'{r2o.VIT_CLUSTER_FROM_END} before the last, block9 of 12) or '
+                        f'{r2o.VIT_POOL_LAYER} (the last block\'s after the final LayerNorm, the '
+                        f'exported output), stride 16')
     g.add_argument('--regions', default='superpixels', choices=['superpixels', 'grid'],
                    help='what k-means groups: SLIC superpixels with features pooled inside them, as '
                         'in training, or the cells of the feature grid')
@@ -201,8 +220,8 @@ def resolve_args(args):
             setattr(args, key, preset[key])
     if args.random_init and args.arch is None:
         args.arch = preset['arch']
-    if args.input_size % 32:
-        raise data.DataError(f'--input-size must be a multiple of 32 (got {args.input_size})')
+    if args.input_size % 16:
+        raise data.DataError(f'--input-size must be a multiple of 16 (got {args.input_size})')
     if args.k < 1:
         raise data.DataError(f'--k must be at least 1 (got {args.k})')
     return args
@@ -716,12 +735,24 @@ def infer_arch(state):
 #                       weights), its keys maybe under 'module.', 'encoder.' or 'backbone.'
 #   detectron2          a .pkl of {'model': {detectron2 name: numpy array}}, as detectron2's
 #                       tools/convert-torchvision-to-d2.py writes (stem.conv1, res2..res5)
-LAYOUTS = "ours, the authors' R2O checkpoint, torchvision, detectron2"
+#   backbone (ViT)      a torchvision VisionTransformer state_dict (our ViT backbone.pt):
+#                       class_token, conv_proj, encoder.pos_embedding, encoder.layers, encoder.ln
+#   timm-vit            a ViT state_dict with timm's names, as DINO releases its ViTs
+#                       (dino_deitsmall16_pretrain.pth, dino_vitbase16_pretrain.pth): cls_token,
+#                       pos_embed, patch_embed.proj, blocks.N.{norm1,attn.qkv,attn.proj,norm2,
+#                       mlp.fc1,mlp.fc2}, norm; mapped onto torchvision's (timm_vit_to_torchvision)
+LAYOUTS = "ours, the authors' R2O checkpoint, torchvision ResNet or ViT, detectron2, timm/DINO ViT"
 AUTHORS_KEY = re.compile(r'(?:module\.)?(online|target)_network\.encoder\.(\d+)\.(.+)')
 AUTHORS_CHILDREN = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3',
                     '7': 'layer4'}              # 2 relu and 3 maxpool hold no weights
 D2_KEY = re.compile(r'(?:stem|res([2-5])\.(\d+))\.(conv[1-3]|shortcut)(\.norm)?\.(\w+)')
 RESNET_TOP = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'layer4.')
+VIT_TOP = ('class_token', 'conv_proj.', 'encoder.')
+TIMM_BLOCK_KEY = re.compile(r'blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.'
+                            r'(weight|bias)')
+TIMM_BLOCK_NAMES = {'norm1': 'ln_1.', 'attn.qkv': 'self_attention.in_proj_',
+                    'attn.proj': 'self_attention.out_proj.', 'norm2': 'ln_2.', 'mlp.fc1': 'mlp.0.',
+                    'mlp.fc2': 'mlp.3.'}
 TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c    # the first object of a pre-1.6 torch.save file
 # How torch.load(weights_only=True) names the global it refuses to load, in the UnpicklingError
 # it raises: 'Unsupported class posix.system' (torch 2.1) or '... GLOBAL posix.system ...' (later)
@@ -849,6 +880,50 @@ def d2_to_torchvision(name):
     return (f'layer{int(stage) - 1}.{block}.' if stage else '') + f'{module}.{leaf}'
 
 
+def timm_vit_to_torchvision(state):
+    """A timm-style ViT state_dict (DINO's releases) under torchvision VisionTransformer's names.
+
+    cls_token -> class_token, pos_embed -> encoder.pos_embedding, patch_embed.proj ->
+    conv_proj, blocks.N.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2 ->
+    encoder.layers.encoder_layer_N.ln_1 / self_attention.in_proj_ / self_attention.out_proj /
+    ln_2 / mlp.0 / mlp.3, norm -> encoder.ln. The tensors are the same: timm's qkv rows are
+    q, k, v with the heads in order, as nn.MultiheadAttention's in_proj. Names outside the
+    encoder (head.*, a classifier's) are dropped."""
+    out = {}
+    for name, value in state.items():
+        leaf = name.rsplit('.', 1)[-1]
+        if name == 'cls_token':
+            out['class_token'] = value
+        elif name == 'pos_embed':
+            out['encoder.pos_embedding'] = value
+        elif name.startswith('patch_embed.proj.'):
+            out[f'conv_proj.{leaf}'] = value
+        elif name.startswith('norm.'):
+            out[f'encoder.ln.{leaf}'] = value
+        elif match := TIMM_BLOCK_KEY.fullmatch(name):
+            block, module, leaf = match.groups()
+            out[f'encoder.layers.encoder_layer_{block}.{TIMM_BLOCK_NAMES[module]}{leaf}'] = value
+    return out
+
+
+def build_vit(state, arch=None):
+    """A torchvision VisionTransformer shaped for a ViT state_dict with torchvision's names, and
+    its arch name. Patch size, width, depth, MLP width and input size (its position embedding's
+    grid) come from the shapes; the number of heads from `arch` (r2o.VIT_ARCHS), else from the
+    known arch of those shapes, else width / 64 (ViT-S's and ViT-B's 64 per head)."""
+    hidden, _, patch, _ = state['conv_proj.weight'].shape
+    depth = len({k.split('.')[2] for k in state if k.startswith('encoder.layers.')})
+    shape = dict(patch_size=patch, num_layers=depth, hidden_dim=hidden,
+                 mlp_dim=state['encoder.layers.encoder_layer_0.mlp.0.weight'].shape[0])
+    known = arch if arch in r2o.VIT_ARCHS else next(
+        (name for name, kw in r2o.VIT_ARCHS.items() if {k: kw[k] for k in shape} == shape), None)
+    heads = r2o.VIT_ARCHS[known]['num_heads'] if known else max(1, hidden // 64)
+    side = math.isqrt(state['encoder.pos_embedding'].shape[1] - 1)
+    net = torchvision.models.VisionTransformer(side * patch, num_heads=heads, **shape)
+    net.heads = nn.Identity()
+    return net, known or f'vit (patch {patch}, width {hidden}, {depth} blocks, {heads} heads)'
+
+
 def as_tensor(value):
     """A weight as a tensor: tensors as they are, numeric numpy arrays (detectron2) converted."""
     if isinstance(value, (np.ndarray, np.generic)) and np.asarray(value).dtype.kind in 'biuf':
@@ -882,6 +957,12 @@ def resnet_state(obj, encoder=None):
         if not state:
             raise data.DataError(f"holds the authors' R2O checkpoint without a {which} encoder")
         return state, dict(kind='authors-checkpoint', encoder=which, epoch=obj.get('epoch'))
+    vit = strip_prefixes({k: weights[k] for k in keys}, ('module.', 'backbone.'))
+    if 'class_token' in vit and 'conv_proj.weight' in vit:
+        return ({k: v for k, v in vit.items() if k.startswith(VIT_TOP)},
+                dict(kind='backbone', encoder=None))
+    if 'cls_token' in vit and 'patch_embed.proj.weight' in vit:
+        return timm_vit_to_torchvision(vit), dict(kind='timm-vit', encoder=None)
     d2 = strip_prefixes({k: weights[k] for k in keys}, ('module.', 'backbone.', 'bottom_up.'))
     if 'stem.conv1.weight' in d2:
         # the ResNet only: a detector's FPN and heads have no torchvision name
@@ -901,8 +982,10 @@ def load_encoder(path, arch=None, encoder=None):
     """A frozen encoder from a weights file in any layout above, recognised from its keys.
 
     encoder: 'online' (default) or 'target', for the files of a training run (ours, the
-    authors'). Returns (torchvision ResNet in eval mode with fc = identity, info dict for the
-    results: kind names the layout)."""
+    authors'). Returns (torchvision ResNet in eval mode with fc = identity, or torchvision
+    VisionTransformer with heads = identity for the input size of its position embedding, read
+    at any other by interpolating it (r2o.vit_tokens); info dict for the results: kind names
+    the layout)."""
     if not Path(path).is_file():
         raise data.DataError(f'{path}: no such file')
     obj = read_weights_file(path)
@@ -913,13 +996,18 @@ def load_encoder(path, arch=None, encoder=None):
     if encoder is not None and info['encoder'] is None:
         raise data.DataError(f'{path} holds one encoder ({info["kind"]}): --encoder applies to a '
                              'training checkpoint only')
-    state = {k: v for k, v in state.items() if not str(k).startswith('fc.')}
+    state = {k: v for k, v in state.items() if not str(k).startswith(('fc.', 'heads.'))}
+    vit = 'class_token' in state and 'encoder.layers.encoder_layer_0.mlp.0.weight' in state
     if (not all(isinstance(v, torch.Tensor) for v in state.values())
-            or 'conv1.weight' not in state or 'layer3.0.conv1.weight' not in state):
+            or not (vit or 'conv1.weight' in state and 'layer3.0.conv1.weight' in state)):
         raise data.DataError(f'{path}: holds {describe_object(obj)}: {info["kind"]} layout, but '
-                             'not the weights of a whole ResNet')
-    arch = arch or info.get('trained_arch') or infer_arch(state)
-    net = r2o.build_encoder(arch)
+                             'not the weights of a whole ResNet or ViT')
+    arch = arch or info.get('trained_arch')
+    if vit:
+        net, arch = build_vit(state, arch)
+    else:
+        arch = arch or infer_arch(state)
+        net = r2o.build_encoder(arch)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -966,8 +1054,9 @@ def cluster_batch(net, batch, args, device, first_index):
     if net is None:
         features = lab_features(batch['image']).to(device)
     else:
+        layer = args.layer or r2o.feature_maps(net)['cluster']      # check_layer fills it
         features = r2o.encoder_features(net, batch['input'].to(device, non_blocking=True),
-                                        args.layer).float()
+                                        layer).float()
     superpixels = batch['superpixels'].to(device, non_blocking=True)
     cluster = r2o.clustering(args.kmeans_seeding)
     maps = []
@@ -1058,15 +1147,31 @@ def save_vis(rows, path, title, size=128):
 
 # ================================ main ================================
 
-def describe(args, encoder_info, data_info):
-    """The protocol as a dict: every choice that changes the numbers."""
+def check_layer(args, net):
+    """Fill --layer (the net's cluster map, r2o.feature_maps) and check it and --input-size
+    against the net: a multiple of its largest stride (32 for a ResNet, 16 for a ViT; 32 without
+    a net). Returns the layer's stride (4 without a net: Lab colour of 4 x 4 cells)."""
+    strides = r2o.feature_maps(net)['stride'] if net is not None else {}
+    if net is not None:
+        args.layer = args.layer or r2o.feature_maps(net)['cluster']
+        if args.layer not in strides:
+            raise data.DataError(f'--layer {args.layer}: this encoder has {", ".join(strides)}')
+    largest = max(strides.values(), default=32)
+    if args.input_size % largest:
+        raise data.DataError(f'--input-size must be a multiple of {largest} for this encoder '
+                             f'(got {args.input_size})')
+    return strides.get(args.layer, 4)
+
+
+def describe(args, encoder_info, data_info, stride=None):
+    """The protocol as a dict: every choice that changes the numbers (stride: the clustered
+    map's, check_layer)."""
     colour = args.colour_baseline
     protocol = dict(
         input_size=args.input_size,
         resize='whole image to input_size x input_size, aspect not kept, bicubic',
         features='mean Lab colour of 4x4 pixel cells' if colour else args.layer,
-        feature_grid=args.input_size // 4 if colour else
-        args.input_size // r2o.STRIDE[args.layer],
+        feature_grid=args.input_size // (4 if colour else stride or r2o.STRIDE[args.layer]),
         regions=args.regions,
         superpixels=dict(n_segments=args.superpixels, compactness=args.slic_compactness,
                          sigma=args.slic_sigma, computed_at=args.input_size,
@@ -1131,7 +1236,7 @@ def main(args):
         net, encoder_info = None, dict(kind='colour-baseline')
     elif args.random_init:
         torch.manual_seed(args.seed)
-        net = r2o.build_encoder(args.arch).eval()
+        net = r2o.build_encoder(args.arch, args.input_size).eval()
         encoder_info = dict(kind='random-init', arch=args.arch, seed=args.seed)
     else:
         # a URL is fetched into torch's hub cache once, then read like any file
@@ -1140,6 +1245,7 @@ def main(args):
                                          args.arch, args.encoder)
         if url:
             encoder_info['url'] = url
+    stride = check_layer(args, net)
     if net is not None:
         net = net.to(device)
     if args.download:                    # after the weights: a bad address fails before 1.1 GB
@@ -1149,7 +1255,7 @@ def main(args):
     dataset, data_info = build_set(args)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=collate, pin_memory=device.type == 'cuda')
-    results = describe(args, encoder_info, data_info)
+    results = describe(args, encoder_info, data_info, stride)
     print('encoder: ' + ', '.join(f'{k} {v}' for k, v in encoder_info.items()))
     print('data: ' + ', '.join(f'{k} {v}' for k, v in data_info.items()))
     print('protocol:\n' + '\n'.join(f'  {k}: {v}' for k, v in results['protocol'].items()),

@@ -5,8 +5,9 @@ with the target encoder's own features, and the number of clusters K shrinks ove
 
 This file reads top to bottom as the paper: first the method, as plain functions of tensors
 (the backbone's feature maps, superpixel pooling, k-means, the refinement, masks per view, mask
-pooling, the overlap indicator, the loss, the K curriculum, the schedules, LARS, the EMA); then,
-in its own section, what exists only for speed; then the training script.
+pooling, the overlap indicator, the loss, the K curriculum, the schedules, LARS, a ViT's AdamW
+groups and weight decay schedule, the EMA); then, in its own section, what exists only for
+speed; then the training script.
 
 Try it (CPU, no data, 3-4 minutes on 2 cores; writes runs/synthetic-cosine/):
     python r2o.py
@@ -21,6 +22,9 @@ Several nodes (run on each, with its --node_rank):
         r2o.py --data /path/to/imagenet
 Baselines: `--k-schedule constant --k-max 1 --no-lr-k-scale` is BYOL; `--k-schedule none` uses
 the superpixels themselves as masks (DetCon-style).
+A Vision Transformer (torchvision's VisionTransformer; masks on its 16-pixel patch grid, AdamW
+with DINO's weight decay schedule and gradient clipping by default):
+    python r2o.py --arch vit_s_16 --data /path/to/imagenet
 """
 import argparse
 import copy
@@ -56,18 +60,39 @@ import data
 
 # ---- the backbone ----
 
-# The two feature maps R2O uses and their strides (input pixels per cell): the refinement
-# clusters the target encoder's CLUSTER_LAYER, the loss pools POOL_LAYER under the masks.
-# Another backbone is a change to these lines, encoder_features, feature_dim and build_encoder.
-# (The reference's clustering pass runs the target through layer4 too, which only moves that
-# layer's BatchNorm statistics; ours stops at CLUSTER_LAYER.)
+# R2O reads two feature maps of its encoder: the refinement clusters the target encoder's
+# `cluster` map, the loss pools the `pool` map under the masks. One description per backbone
+# family (feature_maps), one reader (encoder_features): another backbone is a change here only.
+# ResNet: layer3 (14 x 14 at 224 px) and layer4 (7 x 7). (The reference's clustering pass runs
+# the target through layer4 too, which only moves that layer's BatchNorm statistics; ours stops
+# at CLUSTER_LAYER.)
 CLUSTER_LAYER = 'layer3'                 # 14 x 14 at 224 px
 POOL_LAYER = 'layer4'                    # 7 x 7 at 224 px
 STRIDE = {'layer3': 16, 'layer4': 32}
+# ViT (torchvision's VisionTransformer, patch 16): the patch tokens as a 14 x 14 map at 224 px,
+# the class token kept in the network but not in the map. 'blockN' is block N's output (counted
+# from 1), 'norm' the last block's after the final LayerNorm: the loss pools 'norm', the
+# refinement clusters the block VIT_CLUSTER_FROM_END blocks before the last (block 9 of 12),
+# as a ResNet clusters the stage before the pooled one: a block short of the end, whose tokens
+# keep more of where they are than the ones the objective shapes most (README, ViT section).
+VIT_POOL_LAYER = 'norm'
+VIT_CLUSTER_FROM_END = 3
+VIT_ARCHS = dict(vit_s_16=dict(patch_size=16, num_layers=12, num_heads=6, hidden_dim=384,
+                               mlp_dim=1536),            # DINO's ViT-S/16
+                 vit_b_16=dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768,
+                               mlp_dim=3072))            # torchvision's ViT-B/16
 
 
-def build_encoder(arch='resnet50'):
-    """A torchvision ResNet with fc replaced by identity (its state_dict is a torchvision one)."""
+def build_encoder(arch='resnet50', image_size=224):
+    """A torchvision ResNet with fc replaced by identity, or a torchvision VisionTransformer
+    (vit_s_16, vit_b_16) for image_size x image_size inputs with its head replaced by identity:
+    either's state_dict is a torchvision one.
+    Uses: VIT_ARCHS.
+    """
+    if arch in VIT_ARCHS:
+        net = torchvision.models.VisionTransformer(image_size, **VIT_ARCHS[arch])
+        net.heads = nn.Identity()
+        return net
     if arch not in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'):
         raise ValueError(f'unknown --arch {arch}')
     net = getattr(torchvision.models, arch)()
@@ -75,11 +100,57 @@ def build_encoder(arch='resnet50'):
     return net
 
 
-def encoder_features(net, x, layer='layer4'):
-    """A torchvision ResNet's feature map up to `layer`, 'layer3' or 'layer4'.
-
-    x: B x 3 x H x W -> B x C x H/16 x W/16 (layer3) or B x C x H/32 x W/32 (layer4).
+def feature_maps(net):
+    """Which feature maps R2O reads from `net`, by its family: dict(cluster=the map the
+    refinement clusters, pool=the map the loss pools, stride={map name: input pixels per cell}).
+    Uses: CLUSTER_LAYER, POOL_LAYER, STRIDE, VIT_POOL_LAYER, VIT_CLUSTER_FROM_END.
     """
+    if isinstance(net, torchvision.models.VisionTransformer):
+        depth = len(net.encoder.layers)
+        names = [f'block{i}' for i in range(1, depth + 1)] + [VIT_POOL_LAYER]
+        return dict(cluster=f'block{max(1, depth - VIT_CLUSTER_FROM_END)}', pool=VIT_POOL_LAYER,
+                    stride=dict.fromkeys(names, net.patch_size))
+    return dict(cluster=CLUSTER_LAYER, pool=POOL_LAYER, stride=STRIDE)
+
+
+def vit_tokens(net, x, layer='norm'):
+    """A torchvision VisionTransformer's patch tokens at `layer` ('blockN': block N's output,
+    counted from 1; 'norm': the last block's after the final LayerNorm) as a feature map.
+
+    x: B x 3 x H x W (H, W multiples of the patch size) -> B x C x H/16 x W/16. The position
+    embedding is interpolated (bicubic, class token's kept) when the grid differs from the one
+    it was made for, so any input size reads the network.
+    """
+    depth = len(net.encoder.layers)
+    blocks = {f'block{i}': i for i in range(1, depth + 1)} | {'norm': depth}
+    if layer not in blocks:
+        raise ValueError(f"layer must be 'norm' or 'block1'..'block{depth}', not {layer!r}")
+    x = net.conv_proj(x)                                              # B C h w
+    B, C, h, w = x.shape
+    x = torch.cat([net.class_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1)
+    pos = net.encoder.pos_embedding
+    if pos.shape[1] != x.shape[1]:
+        side = int(math.isqrt(pos.shape[1] - 1))
+        grid = pos[:, 1:].reshape(1, side, side, C).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(h, w), mode='bicubic', align_corners=False)
+        pos = torch.cat([pos[:, :1], grid.to(pos.dtype).flatten(2).transpose(1, 2)], 1)
+    x = net.encoder.dropout(x + pos)
+    for block in net.encoder.layers[:blocks[layer]]:
+        x = block(x)
+    if layer == 'norm':
+        x = net.encoder.ln(x)
+    return x[:, 1:].transpose(1, 2).reshape(B, C, h, w)
+
+
+def encoder_features(net, x, layer='layer4'):
+    """The feature map `layer` of an encoder build_encoder makes: a torchvision ResNet's 'layer3'
+    or 'layer4', or a VisionTransformer's patch tokens (vit_tokens: 'blockN' or 'norm').
+
+    x: B x 3 x H x W -> B x C x H/16 x W/16 (layer3, a ViT's) or B x C x H/32 x W/32 (layer4).
+    Uses: vit_tokens.
+    """
+    if isinstance(net, torchvision.models.VisionTransformer):
+        return vit_tokens(net, x, layer)
     if layer not in ('layer3', 'layer4'):
         raise ValueError(f"layer must be 'layer3' or 'layer4', not {layer!r}")
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
@@ -88,7 +159,9 @@ def encoder_features(net, x, layer='layer4'):
 
 
 def feature_dim(net, layer='layer4'):
-    """Channels of a torchvision ResNet's `layer` (2048 for a ResNet-50's layer4)."""
+    """Channels of `layer` (2048 for a ResNet-50's layer4; a ViT's width for any of its maps)."""
+    if isinstance(net, torchvision.models.VisionTransformer):
+        return net.hidden_dim
     block = getattr(net, layer)[-1]
     return (block.bn3 if hasattr(block, 'bn3') else block.bn2).num_features
 
@@ -242,7 +315,7 @@ def refine(features, superpixels, k, iters=30, generator=None, group=None, n_sup
            cluster=kmeans, normalize=True):
     """R2O's refinement: cluster the superpixels of a batch into k masks by the encoder's features.
 
-    features: B x C x h x w (the target encoder's CLUSTER_LAYER on the raw view);
+    features: B x C x h x w (the target encoder's cluster map on the raw view, feature_maps);
     superpixels: B x M x M ids (M a multiple of h). Each superpixel's features are averaged
     (superpixel_pool) and L2-normalised (`normalize`), then the superpixels of each `group`
     images (default: all B together) are clustered, so that a cluster id means the same thing
@@ -294,21 +367,23 @@ def masks_for_batch(target_encoder, raw, superpixels, boxes, flips, k, iters=30,
 
     raw: B x 3 x H x H, the whole images; superpixels: B x M x M ids; boxes: B x 2 x 4 and
     flips: B x 2, each view's crop box and flip. k a number: the refinement (the target
-    encoder's CLUSTER_LAYER on the raw view, then refine over each `group` images with
-    `cluster`); k == 1: one mask, the whole crop (BYOL); k None: the superpixels themselves
-    (DetCon-style), K = n_superpixels. Returns masks1, masks2 (B x K x g^2, g = H / 32, the
-    side of the final feature map the views give) and K.
-    Uses: encoder_features, refine, view_masks, superpixel_pool, kmeans, kmeans_seeds,
-    squared_distances, CLUSTER_LAYER, POOL_LAYER, STRIDE.
+    encoder's cluster map, feature_maps, on the raw view, then refine over each `group` images
+    with `cluster`); k == 1: one mask, the whole crop (BYOL); k None: the superpixels themselves
+    (DetCon-style), K = n_superpixels. Returns masks1, masks2 (B x K x g^2, g = H / stride of
+    the pooled map: H / 32 for a ResNet, H / 16 for a ViT) and K.
+    Uses: encoder_features, vit_tokens, feature_maps, refine, view_masks, superpixel_pool,
+    kmeans, kmeans_seeds, squared_distances, CLUSTER_LAYER, POOL_LAYER, STRIDE, VIT_POOL_LAYER,
+    VIT_CLUSTER_FROM_END.
     """
+    maps = feature_maps(target_encoder)
     if k is None:
         labels, k = superpixels, n_superpixels or int(superpixels.max()) + 1
     elif k == 1:
         labels = torch.zeros_like(superpixels)
     else:
-        features = encoder_features(target_encoder, raw, CLUSTER_LAYER)
+        features = encoder_features(target_encoder, raw, maps['cluster'])
         labels = refine(features, superpixels, k, iters, generator, group, n_superpixels, cluster)
-    g = raw.shape[-1] // STRIDE[POOL_LAYER]
+    g = raw.shape[-1] // maps['stride'][maps['pool']]
     return (view_masks(labels, boxes[:, 0], flips[:, 0], k, g),
             view_masks(labels, boxes[:, 1], flips[:, 1], k, g), k)
 
@@ -373,17 +448,19 @@ class R2O(nn.Module):
     target (an EMA copy) encoder and projector. forward(view1, view2, masks1, masks2) returns
     R2O's loss for a batch.
 
-    encoder: a backbone encoder_features reads (build_encoder's ResNet). heads: how the pooled
-    rows go through the MLPs (heads, the reference's; the training script may give
-    heads_merging_empty_rows, the same numbers computed faster where most masks are empty).
-    Uses: encoder_features, feature_dim, mlp, mask_pool, mask_overlap, mask_loss, heads,
-    POOL_LAYER.
+    encoder: a backbone encoder_features reads (build_encoder's ResNet or ViT); the loss pools
+    its family's pool map (feature_maps). heads: how the pooled rows go through the MLPs (heads,
+    the reference's; the training script may give heads_merging_empty_rows, the same numbers
+    computed faster where most masks are empty).
+    Uses: encoder_features, vit_tokens, feature_maps, feature_dim, mlp, mask_pool, mask_overlap,
+    mask_loss, heads, CLUSTER_LAYER, POOL_LAYER, STRIDE, VIT_POOL_LAYER, VIT_CLUSTER_FROM_END.
     """
 
     def __init__(self, encoder, hidden_dim=4096, out_dim=256, heads=heads):
         super().__init__()
         self.encoder = encoder
-        self.projector = mlp(feature_dim(encoder, POOL_LAYER), hidden_dim, out_dim)
+        self.pool_layer = feature_maps(encoder)['pool']
+        self.projector = mlp(feature_dim(encoder, self.pool_layer), hidden_dim, out_dim)
         self.predictor = mlp(out_dim, hidden_dim, out_dim)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
@@ -392,10 +469,11 @@ class R2O(nn.Module):
     def forward(self, view1, view2, masks1, masks2, groups=1):
         """Views B x 3 x S x S and their masks B x K x g^2 -> the loss (groups: see mask_loss)."""
         views, masks = torch.cat([view1, view2]), torch.cat([masks1, masks2])   # one batch
-        online = mask_pool(encoder_features(self.encoder, views, POOL_LAYER), masks)   # 2B x K x C
+        online = mask_pool(encoder_features(self.encoder, views, self.pool_layer), masks)  # 2B K C
         p1, p2 = self.heads(online, [self.projector, self.predictor]).chunk(2)
         with torch.no_grad():
-            target = mask_pool(encoder_features(self.target_encoder, views, POOL_LAYER), masks)
+            target = mask_pool(encoder_features(self.target_encoder, views, self.pool_layer),
+                               masks)
             z1, z2 = self.heads(target, [self.target_projector]).chunk(2)
         return mask_loss(p1, p2, z1, z2, mask_overlap(masks1, masks2), groups)
 
@@ -514,6 +592,23 @@ def lars_param_groups(module):
             is_bn = isinstance(m, nn.modules.batchnorm._NormBase)
             (excluded if is_bn or name == 'bias' else regular).append(p)
     return [dict(params=regular), dict(params=excluded, weight_decay=0.0, lars_exclude=True)]
+
+
+def weight_decay_schedule(step, total_steps, start=0.04, end=0.4):
+    """AdamW's weight decay at `step` for a ViT, DINO's: from start at step 0 up to end at
+    total_steps on a cosine (0.04 -> 0.4)."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
+def adamw_param_groups(module):
+    """Two groups, as DINO makes them for AdamW: weights (decay=True: weight decay, scheduled
+    by weight_decay_schedule) and biases + every one-dimensional parameter, the LayerNorm and
+    BatchNorm ones (decay=False: none). Only parameters that require grad are included."""
+    regular, excluded = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (excluded if name.endswith('bias') or p.dim() == 1 else regular).append(p)
+    return [dict(params=regular, decay=True), dict(params=excluded, weight_decay=0.0, decay=False)]
 
 
 # ================================ speed and bookkeeping ================================
@@ -725,11 +820,19 @@ def step_loss(model, ddp_model, batch, k, generator, run):
     return loss, mask_overlap(masks1, masks2).sum()
 
 
-def step_update(model, optimizer, lr, momentum):
-    """After the backward pass: LARS at this step's lr, then the target's EMA update
-    (ema_update_foreach: ema_update in one launch)."""
+def step_update(model, optimizer, lr, momentum, weight_decay=None, clip_grad=None):
+    """After the backward pass: the optimizer (LARS, or AdamW for a ViT) at this step's lr, then
+    the target's EMA update (ema_update_foreach: ema_update in one launch).
+
+    weight_decay: this step's decay for the groups marked decay=True (adamw_param_groups);
+    clip_grad: the gradients' total norm is clipped to it first. None: neither (LARS)."""
     for group in optimizer.param_groups:
         group['lr'] = lr
+        if weight_decay is not None and group.get('decay'):
+            group['weight_decay'] = weight_decay
+    if clip_grad:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']],
+                                 clip_grad)
     optimizer.step()
     ema_update_foreach(model, momentum)
 
@@ -752,10 +855,12 @@ def train_one_epoch(model, ddp_model, loader, optimizer, epoch, step, args, run)
         lr = learning_rate(step, run['total_steps'], run['warmup_steps'], args.lr,
                            run['global_batch'], k if args.lr_k_scale else None)
         momentum = ema_momentum(step, run['total_steps'], args.ema, run['ema_batch_ratio'])
+        decay = (weight_decay_schedule(step, run['total_steps'], args.weight_decay,
+                                       args.weight_decay_end) if args.optimizer == 'adamw' else None)
         loss, pairs = step_loss(model, ddp_model, batch, k, step_generator(args.seed, run['rank'], step), run)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        step_update(model, optimizer, lr, momentum)
+        step_update(model, optimizer, lr, momentum, decay, args.clip_grad or None)
         step += 1
         sums += torch.stack([loss.detach().double(), pairs.double()])
 
@@ -815,8 +920,9 @@ def visualize(model, vis, k, run, path, title):
         labels = sp
     else:
         encoder = copy.deepcopy(model.target_encoder)
-        labels = refine(encoder_features(encoder, raw, CLUSTER_LAYER), sp, k, run['kmeans_iters'],
-                        torch.Generator().manual_seed(0), cluster=run['cluster'])
+        features = encoder_features(encoder, raw, feature_maps(encoder)['cluster'])
+        labels = refine(features, sp, k, run['kmeans_iters'], torch.Generator().manual_seed(0),
+                        cluster=run['cluster'])
     if path is not None:
         mask_picture([data.denormalize(x) for x in raw.cpu()], sp.cpu().numpy(),
                      labels.cpu().numpy(), path, title)
@@ -837,6 +943,11 @@ DEMO = dict(arch='resnet18', image_size=64, epochs=8, batch_size=32, lr=2.4, sup
             ema_batch_scale=False, workers=2, save_every=4, vis_every=1, print_freq=8,
             synthetic_images=640)
 PAPER_GLOBAL_BATCH = 4096           # 128 GPUs x 32 images
+# Each optimizer's defaults, on both presets (a flag given explicitly wins). The paper has no
+# ViT setting: AdamW's are DINO's for ViT-S/16 (lr 5e-4 per 256 images, weight decay 0.04 ->
+# 0.4 on a cosine, gradients clipped; DINO clips each tensor to norm 3.0, we clip the total).
+OPTIMIZERS = dict(lars=dict(weight_decay=1e-6, clip_grad=0.0),
+                  adamw=dict(lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -894,7 +1005,9 @@ def get_args_parser(add_help=True):
                    help='stop if more than this fraction of the images read so far are unreadable')
 
     g = p.add_argument_group('model')
-    g.add_argument('--arch', default=None, help='resnet18/34/50/101/152 (resnet50; preset resnet18)')
+    g.add_argument('--arch', default=None,
+                   help='resnet18/34/50/101/152, or a ViT: vit_s_16 (DINO\'s ViT-S/16), vit_b_16 '
+                        '(resnet50; preset resnet18)')
     g.add_argument('--hidden-dim', type=int, default=4096, help='projector/predictor hidden size')
     g.add_argument('--out-dim', type=int, default=256, help='projection size')
 
@@ -930,7 +1043,16 @@ def get_args_parser(add_help=True):
     g.add_argument('--lr-k-scale', action=argparse.BooleanOptionalAction, default=True,
                    help='multiply the lr by K/16 with the epoch\'s K (the reference\'s default)')
     g.add_argument('--warmup-epochs', type=float, default=None, help='linear lr warmup (3; preset 1)')
-    g.add_argument('--weight-decay', type=float, default=1e-6, help='LARS weight decay')
+    g.add_argument('--optimizer', default=None, choices=sorted(OPTIMIZERS),
+                   help='LARS (the paper\'s; default for a ResNet) or AdamW with a cosine weight '
+                        'decay schedule and gradient clipping, as DINO trains ViTs (default for a '
+                        'ViT; its lr default is 5e-4 per 256 images)')
+    g.add_argument('--weight-decay', type=float, default=None,
+                   help='weight decay: LARS\'s (1e-6), AdamW\'s at the start (0.04)')
+    g.add_argument('--weight-decay-end', type=float, default=None,
+                   help='AdamW\'s weight decay at the end of the cosine schedule (0.4)')
+    g.add_argument('--clip-grad', type=float, default=None,
+                   help='clip the gradients\' total norm to this (AdamW 3.0; LARS 0: off)')
     g.add_argument('--ema', type=float, default=0.99,
                    help='target EMA momentum at the start (-> 1 on a cosine): per step at the '
                         'paper\'s global batch of 4096, scaled to this run\'s (see --ema-batch-scale)')
@@ -941,14 +1063,15 @@ def get_args_parser(add_help=True):
 
     g = p.add_argument_group('run')
     g.add_argument('--output-dir', default=None,
-                   help='where checkpoints, logs and pictures go (runs/<data>-<k-schedule>); a '
-                        'checkpoint.pt already there is resumed')
+                   help='where checkpoints, logs and pictures go (runs/<data>-<k-schedule>, '
+                        'with -<arch> for a ViT); a checkpoint.pt already there is resumed')
     g.add_argument('--resume', default=None, help='continue from this checkpoint.pt')
     g.add_argument('--seed', type=int, default=0, help='any non-negative integer')
     g.add_argument('--save-every', type=int, default=None,
                    help='keep a copy of the checkpoint every N epochs (25; preset 4)')
     g.add_argument('--vis-every', type=int, default=None,
-                   help='write a mask picture every N epochs (10; preset 1)')
+                   help='write a mask picture every N epochs and after the last (10; preset 1; '
+                        '0: none)')
     g.add_argument('--print-freq', type=int, default=None, help='progress line every N steps')
     g.add_argument('--stop-after', type=int, default=None,
                    help='stop after this many epochs in this run (to fit a job time limit); '
@@ -966,18 +1089,30 @@ def get_args_parser(add_help=True):
 def resolve_args(args):
     """Fill the data-dependent defaults and derived names; a bad value is a DataError. Returns args."""
     preset = DEMO if args.data == 'synthetic' else PAPER
-    for key, value in preset.items():
+    arch = args.arch or preset['arch']
+    if args.optimizer is None:
+        args.optimizer = 'adamw' if arch in VIT_ARCHS else 'lars'
+    if args.optimizer == 'lars' and args.weight_decay_end is not None:
+        raise data.DataError('--weight-decay-end is AdamW\'s (--optimizer adamw)')
+    for key, value in [*OPTIMIZERS[args.optimizer].items(), *preset.items()]:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.workers is None:
         args.workers = default_workers()
+    try:
+        with torch.device('meta'):                     # the shapes only, no memory
+            maps = feature_maps(build_encoder(args.arch))
+    except ValueError as e:
+        raise data.DataError(str(e)) from None
+    stride = maps['stride'][maps['pool']]
     if args.output_dir is None:
         # the name as given, a link not resolved: --data imagenet100 -> runs/imagenet100-...
         name = 'synthetic' if args.data == 'synthetic' else Path(os.path.abspath(args.data)).name
         sched = args.k_schedule + (str(args.k_max) if args.k_schedule == 'constant' else '')
-        args.output_dir = str(Path('runs') / f'{name}-{sched}')
-    if args.image_size % STRIDE[POOL_LAYER]:
-        raise data.DataError(f'--image-size must be a multiple of {STRIDE[POOL_LAYER]} '
+        vit = f'-{args.arch}' if args.arch in VIT_ARCHS else ''     # beside a ResNet run
+        args.output_dir = str(Path('runs') / f'{name}-{sched}{vit}')
+    if args.image_size % stride:
+        raise data.DataError(f'--image-size must be a multiple of {stride} for {args.arch} '
                              f'(got {args.image_size})')
     if args.seed < 0:
         raise data.DataError(f'--seed must be a non-negative integer (got {args.seed})')
@@ -988,11 +1123,20 @@ def resolve_args(args):
     return args
 
 
-def build_model(arch='resnet50', hidden_dim=4096, out_dim=256, merge_empty_rows=False):
-    """R2O with a torchvision ResNet; merge_empty_rows: its heads computed by
-    heads_merging_empty_rows (the same numbers, faster where the device answers without a wait)."""
-    return R2O(build_encoder(arch), hidden_dim, out_dim,
+def build_model(arch='resnet50', hidden_dim=4096, out_dim=256, merge_empty_rows=False,
+                image_size=224):
+    """R2O with a torchvision ResNet or ViT (for image_size inputs); merge_empty_rows: its heads
+    computed by heads_merging_empty_rows (the same numbers, faster where the device answers
+    without a wait)."""
+    return R2O(build_encoder(arch, image_size), hidden_dim, out_dim,
                heads_merging_empty_rows if merge_empty_rows else heads)
+
+
+def build_optimizer(model, args):
+    """--optimizer: LARS (LARSForeach, the same update as LARS) or AdamW, DINO's groups."""
+    if args.optimizer == 'adamw':
+        return torch.optim.AdamW(adamw_param_groups(model), lr=0.0, weight_decay=args.weight_decay)
+    return LARSForeach(lars_param_groups(model), weight_decay=args.weight_decay)
 
 
 SEEDINGS = dict(rounds=kmeans_seeds_in_rounds, greedy=kmeans_seeds)
@@ -1041,6 +1185,10 @@ def startup_lines(args, run, n_images, steps_per_epoch, device, skipped=()):
     lines.append(f'loader: {args.workers} worker processes per training process'
                  + (f' (of {os.cpu_count()} cores on this node, {local} training process(es))'
                     if args.data != 'synthetic' else ''))
+    if args.optimizer == 'adamw':
+        clip = f'gradient norm clipped to {args.clip_grad:g}' if args.clip_grad else 'no clipping'
+        lines.append(f'optimizer: AdamW, weight decay {args.weight_decay:g} -> '
+                     f'{args.weight_decay_end:g} (cosine; biases and norms none), {clip}')
     lines += [f'this run:  global batch {B:>4}, lr {args.lr:g} x {B}/256 = {args.lr * B / 256:.4g}{k16}, '
               f'EMA momentum {momentum:.5f} per step at the start'
               + (f' ({args.ema:g}^({B}/{PAPER_GLOBAL_BATCH}): the paper\'s horizon in images)'
@@ -1200,13 +1348,13 @@ def main(args):
     # On a CPU the empty masks' rows go through the heads once, counted (4x faster at K=128);
     # on a GPU counting them would wait for the device, and all rows cost little there.
     model = build_model(args.arch, args.hidden_dim, args.out_dim,
-                        merge_empty_rows=device.type == 'cpu').to(device)
+                        merge_empty_rows=device.type == 'cpu', image_size=args.image_size).to(device)
     if ddp and device.type == 'cuda':      # SyncBatchNorm needs GPUs; gloo ranks keep plain BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     run = run_constants(args, rank, world, device, len(loader))
     if run['channels_last']:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = LARSForeach(lars_param_groups(model), weight_decay=args.weight_decay)   # = LARS
+    optimizer = build_optimizer(model, args)
     if rank == 0:
         print('\n'.join(startup_lines(args, run, len(dataset), len(loader), device,
                                        dataset.skipped)), flush=True)
@@ -1246,7 +1394,7 @@ def main(args):
             with open(output_dir / 'log.txt', 'a') as f:
                 f.write(json.dumps(stats) + '\n')
             print(json.dumps(stats), flush=True)
-        if (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs:
+        if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
             k = k_schedule(epoch + 1, args.epochs, args.k_schedule, args.k_max, args.k_min)
             path = output_dir / f'masks-epoch{epoch + 1:04d}.png' if rank == 0 else None
             visualize(model, vis, k, run, path,
@@ -1255,8 +1403,10 @@ def main(args):
     if rank == 0 and last_epoch == args.epochs:
         backbone = {k: v.cpu() for k, v in model.encoder.state_dict().items()}
         save_or_stop(backbone, output_dir / 'backbone.pt', last_epoch)
-        print(f'done: {output_dir}/backbone.pt (torchvision {args.arch} state_dict), '
-              f'checkpoint.pt, log.txt, masks-epoch*.png', flush=True)
+        kind = (f'VisionTransformer ({args.arch}, image_size={args.image_size})'
+                if args.arch in VIT_ARCHS else args.arch)
+        print(f'done: {output_dir}/backbone.pt (torchvision {kind} state_dict), '
+              'checkpoint.pt, log.txt' + (', masks-epoch*.png' if args.vis_every else ''), flush=True)
     if ddp:
         dist.destroy_process_group()
 

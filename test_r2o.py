@@ -1808,7 +1808,8 @@ class HostSyncs(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         why = None
-        if name in self.READS:
+        on_gpu = any(isinstance(a, torch.Tensor) and a.device.type == 'cuda' for a in args)
+        if name in self.READS and on_gpu:     # a CPU tensor's value (AdamW's step count) waits for no GPU
             why = 'reads a value or a value-dependent shape'
         elif name in ('_to_copy', 'copy_'):
             src = args[0] if name == '_to_copy' else args[1]
@@ -1855,20 +1856,24 @@ def on_fake_cuda(module, mode):
     return module
 
 
-def fake_cuda_steps(tmp_path, heads=r2o.heads):
+def fake_cuda_steps(tmp_path, heads=r2o.heads, vit=False):
     """The training loop's step on fake CUDA tensors, at K=8 (two --cluster-batch groups), K=1
     and superpixel masks: the batch copied to the device, masks, forward under bf16 autocast,
-    stand-in gradients (backward needs a real GPU), LARS, EMA and the device-side counters."""
+    stand-in gradients (backward needs a real GPU), LARS, EMA and the device-side counters.
+    vit: a 2-block ViT and AdamW, its weight decay set and the gradients clipped each step."""
     args, cpu_batch = tiny_batch(tmp_path, 'fake', '--cluster-batch', '4', '--image-size', '64',
                                  on_device=False)             # uint8 views: augmented on the GPU
     assert cpu_batch['view1'].dtype == torch.uint8 and 'photometric' in cpu_batch
     cuda = torch.device('cuda')
     torch.manual_seed(0)
-    cpu_model = r2o.R2O(r2o.build_encoder('resnet18'), 64, 32, heads)   # as r2o.main on a GPU
+    encoder = tiny_vit() if vit else r2o.build_encoder('resnet18')
+    cpu_model = r2o.R2O(encoder, 64, 32, heads)   # as r2o.main on a GPU
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*CUDA is not available')
         model = on_fake_cuda(cpu_model, mode)
-        optimizer = r2o.LARSForeach(r2o.lars_param_groups(model))      # as r2o.main
+        optimizer = (torch.optim.AdamW(r2o.adamw_param_groups(model)) if vit
+                     else r2o.LARSForeach(r2o.lars_param_groups(model)))      # as r2o.main
+        update = dict(weight_decay=0.1, clip_grad=3.0) if vit else {}
         run = dict(device=cuda, autocast=fake_bf16_autocast, kmeans_iters=3, cluster_batch=4,
                    cluster=functools.partial(r2o.kmeans, deterministic=True))
         sums = torch.zeros(2, dtype=torch.float64, device=cuda)
@@ -1880,7 +1885,7 @@ def fake_cuda_steps(tmp_path, heads=r2o.heads):
                 for p in model.parameters():
                     if p.requires_grad:
                         p.grad = torch.randn_like(p)
-                r2o.step_update(model, optimizer, 0.1, 0.99)
+                r2o.step_update(model, optimizer, 0.1, 0.99, **update)
                 sums += torch.stack([loss.detach().double(), pairs.double()])
             results.append((loss, pairs))
         return results, sums, model
@@ -1894,6 +1899,13 @@ def test_fake_cuda_training_step_has_no_device_error_and_no_host_sync(tmp_path):
         assert pairs.device.type == 'cuda'
     assert sums.device.type == 'cuda'
     assert model.target_encoder.conv1.weight.device.type == 'cuda'
+
+
+def test_fake_cuda_vit_step_has_no_device_error_and_no_host_sync(tmp_path):
+    results, sums, model = fake_cuda_steps(tmp_path, vit=True)
+    for loss, pairs in results:
+        assert loss.device.type == 'cuda' and loss.dtype == torch.float32 and loss.dim() == 0
+    assert model.target_encoder.conv_proj.weight.device.type == 'cuda'
 
 
 def test_mask_pictures_and_evaluation_cluster_with_the_runs_clustering(tmp_path, monkeypatch):
@@ -2825,10 +2837,19 @@ def call_method(name, ns):
     small_r2o = lambda: seeded(lambda: ns['R2O'](r2o.build_encoder('resnet18'), 16, 8))
     calls = {
         'CLUSTER_LAYER': lambda: ns['CLUSTER_LAYER'], 'POOL_LAYER': lambda: ns['POOL_LAYER'],
-        'STRIDE': lambda: ns['STRIDE'],
-        'build_encoder': lambda: seeded(lambda: ns['build_encoder']('resnet18')).state_dict(),
-        'encoder_features': lambda: ns['encoder_features'](encoder(), torch.ones(1, 3, 64, 64), 'layer3'),
-        'feature_dim': lambda: ns['feature_dim'](encoder(), 'layer4'),
+        'STRIDE': lambda: ns['STRIDE'], 'VIT_POOL_LAYER': lambda: ns['VIT_POOL_LAYER'],
+        'VIT_CLUSTER_FROM_END': lambda: ns['VIT_CLUSTER_FROM_END'],
+        'VIT_ARCHS': lambda: ns['VIT_ARCHS'],
+        'build_encoder': lambda: [seeded(lambda: ns['build_encoder']('resnet18')).state_dict(),
+                                  {k: v.shape for k, v in seeded(lambda: ns['build_encoder'](
+                                      'vit_s_16', 32)).state_dict().items()}],
+        'feature_maps': lambda: [ns['feature_maps'](encoder()), ns['feature_maps'](tiny_vit())],
+        'vit_tokens': lambda: ns['vit_tokens'](tiny_vit(), torch.ones(1, 3, 48, 48), 'block1'),
+        'encoder_features': lambda: [
+            ns['encoder_features'](encoder(), torch.ones(1, 3, 64, 64), 'layer3'),
+            ns['encoder_features'](tiny_vit(), torch.ones(1, 3, 64, 64), 'norm')],
+        'feature_dim': lambda: [ns['feature_dim'](encoder(), 'layer4'),
+                                ns['feature_dim'](tiny_vit(), 'norm')],
         'mlp': lambda: seeded(lambda: ns['mlp'](8, 16, 4))(i['x']),
         'downsample_labels': lambda: torch.from_numpy(ns['downsample_labels'](i['superpixels'][0].numpy(), 5)),
         'superpixel_map': lambda: torch.from_numpy(ns['superpixel_map'](i['image'], 12, 8)),
@@ -2839,20 +2860,28 @@ def call_method(name, ns):
         'refine': lambda: ns['refine'](i['features'], i['superpixels'], 3, 5,
                                        torch.Generator().manual_seed(1), group=1),
         'view_masks': lambda: ns['view_masks'](i['labels'], i['boxes'][:, 0], i['flips'][:, 0], 3, 2),
-        'masks_for_batch': lambda: ns['masks_for_batch'](
-            encoder(), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)),
-            i['superpixels'], i['boxes'], i['flips'], 3, 5, torch.Generator().manual_seed(1)),
+        'masks_for_batch': lambda: [ns['masks_for_batch'](
+            net, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)),
+            i['superpixels'], i['boxes'], i['flips'], 3, 5, torch.Generator().manual_seed(1))
+            for net in (encoder(), tiny_vit())],
         'mask_pool': lambda: ns['mask_pool'](i['features'][:, :, :2, :2], i['masks']),
         'mask_overlap': lambda: ns['mask_overlap'](i['masks'], i['masks'].flip(0)),
         'mask_loss': lambda: ns['mask_loss'](*i['rows'], i['masks'].sum(-1) > 2, groups=2),
         'heads': lambda: ns['heads'](i['rows'][0], [seeded(lambda: r2o.mlp(8, 16, 4))]),
-        'R2O': lambda: small_r2o()(torch.ones(2, 3, 64, 64), torch.zeros(2, 3, 64, 64),
-                                   i['masks'], i['masks'].flip(0)),
+        'R2O': lambda: [small_r2o()(torch.ones(2, 3, 64, 64), torch.zeros(2, 3, 64, 64),
+                                    i['masks'], i['masks'].flip(0)),
+                        seeded(lambda: ns['R2O'](tiny_vit(), 16, 8))(
+                            torch.ones(2, 3, 64, 64), torch.zeros(2, 3, 64, 64),
+                            torch.rand(2, 3, 16, generator=torch.Generator().manual_seed(4)),
+                            torch.rand(2, 3, 16, generator=torch.Generator().manual_seed(5)))],
         'k_schedule': lambda: [ns['k_schedule'](e, 300) for e in (1, 150, 300)],
         'learning_rate': lambda: ns['learning_rate'](7, 100, 10, 0.3, 512, 64),
         'ema_momentum': lambda: ns['ema_momentum'](30, 100, 0.99, 256 / 4096),
         'ema_update': lambda: ema_updated(ns['ema_update']),
         'LARS': lambda: lars_stepped(ns['LARS']),
+        'weight_decay_schedule': lambda: [ns['weight_decay_schedule'](s, 10) for s in (0, 3, 10)],
+        'adamw_param_groups': lambda: [(len(g['params']), g['decay']) for g in
+                                       ns['adamw_param_groups'](seeded(lambda: r2o.R2O(tiny_vit(), 16, 8)))],
         'lars_param_groups': lambda: [len(g['params']) for g in ns['lars_param_groups'](
             seeded(lambda: r2o.build_model('resnet18', 16, 8)))],
     }
@@ -2938,3 +2967,230 @@ def test_every_relative_link_of_the_readme_and_docs_resolves():
             elif anchor and anchor not in markdown_anchors(dest.read_text()):
                 broken.append(f'{md.name}: {target} (no such heading)')
     assert not broken, '\n'.join(broken)
+
+
+# ================================ a ViT backbone ================================
+
+TINY_VIT = dict(patch_size=16, num_layers=2, num_heads=2, hidden_dim=128, mlp_dim=256)
+
+
+def tiny_vit(image_size=64):
+    """A 2-block ViT of width 128 (2 heads), as build_encoder makes its ViTs."""
+    torch.manual_seed(0)
+    net = torchvision.models.VisionTransformer(image_size, **TINY_VIT)
+    net.heads = torch.nn.Identity()
+    return net.eval()
+
+
+def test_vit_patch_tokens_are_torchvision_s_own_and_read_any_input_size():
+    net = tiny_vit()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    maps = r2o.feature_maps(net)
+    assert maps == dict(cluster='block1', pool='norm', stride=dict(block1=16, block2=16, norm=16))
+    with torch.no_grad():
+        tokens = net._process_input(x)                          # torchvision's own forward
+        tokens = net.encoder(torch.cat([net.class_token.expand(2, -1, -1), tokens], 1))
+        ours = r2o.encoder_features(net, x, 'norm')
+        assert ours.shape == (2, 128, 4, 4)
+        assert torch.allclose(ours.flatten(2).transpose(1, 2), tokens[:, 1:], atol=1e-5)
+        assert torch.allclose(net(x), tokens[:, 0], atol=1e-5)   # the class token kept
+        # another size: the position embedding interpolated, a 6 x 6 map
+        assert r2o.encoder_features(net, torch.randn(1, 3, 96, 96), 'block1').shape == (1, 128, 6, 6)
+    assert r2o.feature_dim(net, 'norm') == 128
+    with pytest.raises(ValueError, match='block1'):
+        r2o.encoder_features(net, x, 'block3')
+    # a 12-block ViT clusters block 9
+    assert r2o.feature_maps(r2o.build_encoder('vit_s_16', 64))['cluster'] == 'block9'
+
+
+def test_vit_archs_are_dino_s_vit_s_and_torchvision_s_vit_b():
+    with torch.device('meta'):
+        small, base = r2o.build_encoder('vit_s_16'), r2o.build_encoder('vit_b_16')
+        reference = torchvision.models.vit_b_16()
+    assert (small.hidden_dim, len(small.encoder.layers), small.encoder.layers[0].num_heads,
+            small.patch_size) == (384, 12, 6, 16)
+    assert sum(p.numel() for p in small.parameters()) == 21_665_664     # DINO's ViT-S/16, no head
+    reference.heads = torch.nn.Identity()
+    assert {k: v.shape for k, v in base.state_dict().items()} == \
+        {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_vit_masks_follow_its_grid_and_the_loss_pools_its_last_block():
+    net = tiny_vit()
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(2, 3, 64, 64, generator=g)
+    superpixels = torch.randint(0, 9, (2, 16, 16), generator=g)
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0]] * 2] * 2)
+    flips = torch.zeros(2, 2, dtype=torch.bool)
+    m1, m2, k = r2o.masks_for_batch(net, raw, superpixels, boxes, flips, 3, 5,
+                                    torch.Generator().manual_seed(1))
+    assert k == 3 and m1.shape == m2.shape == (2, 3, 16)          # a 4 x 4 grid: stride 16
+    assert torch.allclose(m1.sum(1), torch.ones(2, 16))
+    # the refinement clusters block1's tokens: the same labels as refine on them
+    labels = r2o.refine(r2o.encoder_features(net, raw, 'block1'), superpixels, 3, 5,
+                        torch.Generator().manual_seed(1))
+    assert torch.equal(m1, r2o.view_masks(labels, boxes[:, 0], flips[:, 0], 3, 4))
+    torch.manual_seed(0)
+    model = r2o.R2O(net.train(), 32, 16)
+    assert model.pool_layer == 'norm' and model.projector[0].in_features == 128
+    loss = model(raw, raw.flip(-1), m1, m2)
+    loss.backward()
+    assert torch.isfinite(loss) and net.encoder.ln.weight.grad.abs().sum() > 0
+
+
+def test_weight_decay_schedule_and_adamw_groups():
+    assert r2o.weight_decay_schedule(0, 100) == pytest.approx(0.04)
+    assert r2o.weight_decay_schedule(100, 100) == pytest.approx(0.4)
+    assert r2o.weight_decay_schedule(50, 100) == pytest.approx(0.22)
+    values = [r2o.weight_decay_schedule(s, 100) for s in range(101)]
+    assert values == sorted(values)
+    model = r2o.R2O(tiny_vit(), 32, 16)
+    decay, none = r2o.adamw_param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay['decay'] and not none['decay'] and none['weight_decay'] == 0.0
+    assert {names[id(p)] for p in none['params']} == {
+        n for n, p in model.named_parameters()
+        if p.requires_grad and (n.endswith('bias') or p.dim() == 1)}
+    assert any('ln_1.weight' in names[id(p)] for p in none['params'])       # LayerNorm: none
+    assert any('in_proj_weight' in names[id(p)] for p in decay['params'])
+    assert 'encoder.class_token' in {names[id(p)] for p in decay['params']}  # 3-D: DINO decays it
+    assert not any('target' in names[id(p)] for g in (decay, none) for p in g['params'])
+
+
+def test_step_update_sets_adamw_s_decay_and_clips_the_total_gradient_norm():
+    model = r2o.R2O(tiny_vit(), 32, 16)
+    opt = torch.optim.AdamW(r2o.adamw_param_groups(model), lr=0.0, weight_decay=0.04)
+    params = [p for g in opt.param_groups for p in g['params']]
+    for p in params:
+        p.grad = torch.full_like(p, 10.0)
+    before = [p.detach().clone() for p in params]
+    r2o.step_update(model, opt, 1e-3, 0.9, weight_decay=0.3, clip_grad=3.0)
+    assert [g['weight_decay'] for g in opt.param_groups] == [0.3, 0.0]
+    assert [g['lr'] for g in opt.param_groups] == [1e-3, 1e-3]
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) == \
+        pytest.approx(3.0, rel=1e-4)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_vit_defaults_to_adamw_and_lars_stays_the_resnet_default(tmp_path):
+    vit = r2o.resolve_args(tiny_args(tmp_path, 'v', '--arch', 'vit_s_16'))
+    assert (vit.optimizer, vit.lr, vit.weight_decay, vit.weight_decay_end, vit.clip_grad) == \
+        ('adamw', 5e-4, 0.04, 0.4, 3.0)
+    resnet = r2o.resolve_args(tiny_args(tmp_path, 'r'))
+    assert (resnet.optimizer, resnet.lr, resnet.weight_decay, resnet.clip_grad) == \
+        ('lars', 2.4, 1e-6, 0.0)
+    assert r2o.resolve_args(tiny_args(tmp_path, 'v', '--arch', 'vit_s_16', '--optimizer', 'lars')
+                            ).weight_decay == 1e-6
+    assert r2o.resolve_args(tiny_args(tmp_path, 'v', '--arch', 'vit_s_16', '--image-size', '48'))
+    with pytest.raises(data.DataError, match='multiple of 32'):
+        r2o.resolve_args(tiny_args(tmp_path, 'r', '--image-size', '48'))
+    with pytest.raises(data.DataError, match='AdamW'):
+        r2o.resolve_args(tiny_args(tmp_path, 'r', '--weight-decay-end', '0.1'))
+
+
+def test_a_vit_run_resumes_exactly_and_exports_a_torchvision_vit(tmp_path, monkeypatch):
+    monkeypatch.setitem(r2o.VIT_ARCHS, 'vit_tiny', TINY_VIT)
+    r2o.main(tiny_args(tmp_path, 'straight', '--arch', 'vit_tiny', '--vis-every', '0'))
+    r2o.main(tiny_args(tmp_path, 'resumed', '--arch', 'vit_tiny', '--stop-after', '1'))
+    r2o.main(tiny_args(tmp_path, 'resumed', '--arch', 'vit_tiny'))
+    a = torch.load(tmp_path / 'straight' / 'checkpoint.pt', weights_only=True)
+    b = torch.load(tmp_path / 'resumed' / 'checkpoint.pt', weights_only=True)
+    assert a['args']['optimizer'] == 'adamw' and a['step'] == b['step'] == 8
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert a['optimizer']['param_groups'][0]['weight_decay'] == \
+        pytest.approx(r2o.weight_decay_schedule(7, 8))
+    assert str(a['optimizer']['state'][0]['step']) == str(b['optimizer']['state'][0]['step'])
+    assert not list((tmp_path / 'straight').glob('masks-epoch*.png'))          # --vis-every 0
+    assert sorted(p.name for p in (tmp_path / 'resumed').glob('masks-epoch*.png')) == \
+        ['masks-epoch0001.png', 'masks-epoch0002.png']
+    # backbone.pt is a torchvision VisionTransformer state_dict, for the training size
+    state = torch.load(tmp_path / 'straight' / 'backbone.pt', weights_only=True)
+    net = torchvision.models.VisionTransformer(32, **TINY_VIT)
+    net.heads = torch.nn.Identity()
+    net.load_state_dict(state)
+    # eval_cub reads it, its shape from the keys, and clusters block1 by default
+    loaded, info = eval_cub.load_encoder(tmp_path / 'straight' / 'backbone.pt')
+    assert (info['kind'], info['arch']) == ('backbone', 'vit_tiny')     # the shapes name it
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(r2o.encoder_features(loaded, x, 'norm'), r2o.encoder_features(net.eval(), x, 'norm'))
+    results = run_eval(tmp_path / 'straight' / 'checkpoint.pt', '--builtin-images', 4,
+                       '--input-size', 64, '--out', tmp_path / 'r.json')
+    assert results['encoder']['arch'] == 'vit_tiny'
+    assert (results['protocol']['features'], results['protocol']['feature_grid']) == ('block1', 4)
+
+
+def timm_vit_state(depth=2, width=128, image_size=224, seed=0):
+    """A state_dict in the layout of DINO's ViT releases (timm's names), random weights."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2
+    n = (image_size // 16) ** 2
+    state = {'cls_token': r(1, 1, width), 'pos_embed': r(1, n + 1, width),
+             'patch_embed.proj.weight': r(width, 3, 16, 16) * 0.1, 'patch_embed.proj.bias': r(width),
+             'norm.weight': 1 + r(width), 'norm.bias': r(width)}
+    for i in range(depth):
+        for name, shape in (('norm1', (width,)), ('attn.qkv', (3 * width, width)),
+                            ('attn.proj', (width, width)), ('norm2', (width,)),
+                            ('mlp.fc1', (4 * width, width)), ('mlp.fc2', (width, 4 * width))):
+            state[f'blocks.{i}.{name}.weight'] = (1 + r(*shape)) if len(shape) == 1 else r(*shape)
+            state[f'blocks.{i}.{name}.bias'] = r(shape[0])
+    return state
+
+
+def timm_vit_reference(state, x, heads, blocks):
+    """The forward of a timm ViT written from its layout: patch tokens after `blocks` blocks
+    (all of them: after the final norm), as B x C x h x w."""
+    w = lambda name: state[name + '.weight']
+    b = lambda name: state[name + '.bias']
+    t = F.conv2d(x, w('patch_embed.proj'), b('patch_embed.proj'), stride=16)
+    B, C, h, wd = t.shape
+    t = torch.cat([state['cls_token'].expand(B, -1, -1), t.flatten(2).transpose(1, 2)], 1)
+    pos = state['pos_embed']
+    side = int((pos.shape[1] - 1) ** 0.5)
+    if side != h:
+        grid = pos[:, 1:].reshape(1, side, side, C).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, wd), mode='bicubic', align_corners=False)
+        pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+    t = t + pos
+    depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
+    for i in range(blocks):
+        p = f'blocks.{i}.'
+        y = F.layer_norm(t, (C,), w(p + 'norm1'), b(p + 'norm1'), eps=1e-6)
+        q, k, v = F.linear(y, w(p + 'attn.qkv'), b(p + 'attn.qkv')).view(
+            B, -1, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(-1)
+        t = t + F.linear((attn @ v).transpose(1, 2).reshape(B, -1, C), w(p + 'attn.proj'),
+                         b(p + 'attn.proj'))
+        y = F.layer_norm(t, (C,), w(p + 'norm2'), b(p + 'norm2'), eps=1e-6)
+        t = t + F.linear(F.gelu(F.linear(y, w(p + 'mlp.fc1'), b(p + 'mlp.fc1'))),
+                         w(p + 'mlp.fc2'), b(p + 'mlp.fc2'))
+    if blocks == depth:
+        t = F.layer_norm(t, (C,), w('norm'), b('norm'), eps=1e-6)
+    return t[:, 1:].transpose(1, 2).reshape(B, C, h, wd)
+
+
+def test_dino_s_timm_layout_maps_onto_torchvision_s_vit(tmp_path):
+    state = timm_vit_state()
+    torch.save(state, tmp_path / 'dino_deitsmall16_pretrain.pth')
+    net, info = eval_cub.load_encoder(tmp_path / 'dino_deitsmall16_pretrain.pth')
+    assert info['kind'] == 'timm-vit' and '2 heads' in info['arch']
+    assert net.image_size == 224
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for size in (224, 64):                  # 64: the position embedding interpolated
+            x = torch.randn(2, 3, size, size, generator=g)
+            for layer, blocks in (('block1', 1), ('block2', 2), ('norm', 2)):
+                ours = r2o.encoder_features(net, x, layer)
+                expected = timm_vit_reference(state, x, 2, blocks)
+                if layer == 'block2':           # before the final norm
+                    assert not torch.allclose(ours, timm_vit_reference(state, x, 2, 2))
+                    continue
+                assert torch.allclose(ours, expected, atol=1e-4), (size, layer)
+    # with the release's names under a DINO checkpoint's prefix, and a classifier head beside it
+    prefixed = {f'module.backbone.{k}': v for k, v in state.items()}
+    prefixed['module.head.weight'] = torch.zeros(10, 128)
+    torch.save(prefixed, tmp_path / 'prefixed.pth')
+    net2, _ = eval_cub.load_encoder(tmp_path / 'prefixed.pth')
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(r2o.encoder_features(net2, x, 'norm'), r2o.encoder_features(net, x, 'norm'))
+    # the real release's shapes: width 384, 12 blocks -> vit_s_16 (6 heads)
+    assert eval_cub.build_vit(eval_cub.timm_vit_to_torchvision(timm_vit_state(12, 384)))[1] == 'vit_s_16'

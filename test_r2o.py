@@ -1901,6 +1901,7 @@ def test_fake_cuda_training_step_has_no_device_error_and_no_host_sync(tmp_path):
     assert model.target_encoder.conv1.weight.device.type == 'cuda'
 
 
+@fake_cuda_works
 def test_fake_cuda_vit_step_has_no_device_error_and_no_host_sync(tmp_path):
     results, sums, model = fake_cuda_steps(tmp_path, vit=True)
     for loss, pairs in results:

@@ -332,6 +332,13 @@ def test_masks_for_batch_without_k_are_the_superpixels_themselves():
     assert K == 3 and m1.shape == m2.shape == (2, 3, 4)
     assert torch.allclose(m1.sum(1), torch.ones(2, 4)) and torch.equal(m1, m2)
     assert m1[0].tolist() == [[1., 0., 1., 0.], [0., 1., 0., 1.], [0., 0., 0., 0.]]
+    # each view is cut with its own box and flipped by its own flag
+    boxes = torch.tensor([[[0., 0., 1., 1.], [0.25, 0., 1., 1.]]] * 2)
+    flips = torch.tensor([[False, True], [True, False]])
+    m1, m2, _ = r2o.masks_for_batch(None, torch.zeros(2, 3, 64, 64), superpixels, boxes, flips, None)
+    for view, masks in ((0, m1), (1, m2)):
+        assert torch.equal(masks, r2o.view_masks(superpixels, boxes[:, view], flips[:, view], 3, 2))
+    assert not torch.equal(m2, r2o.view_masks(superpixels, boxes[:, 1], flips[:, 0], 3, 2))
 
 
 def same_partition(a, b):

@@ -769,7 +769,7 @@ def bench_superpixel_features(n_images, size=224, n_segments=100):
     cosines, missed, total = [], 0, 0
     for i in range(n_images):
         image = data.synthetic_scene(i, size)[0]
-        labels = torch.from_numpy(data.slic(image, n_segments=n_segments, start_label=0,
+        labels = torch.from_numpy(r2o.slic(image, n_segments=n_segments, start_label=0,
                                             channel_axis=-1).astype(np.int64))
         features = r2o.encoder_features(net, data.normalize(Image.fromarray(image))[None],
                                         r2o.CLUSTER_LAYER)[0].flatten(1)          # C x 196
@@ -933,7 +933,7 @@ def summary_rows(res):
                 rows.append((f'kmeans inertia, reference\'s run to convergence vs 30 steps, {name[9:]}',
                              f'{entry["inertia_converged"]:.1f} ({entry["steps_converged"]:.0f} steps)',
                              f'30 steps {entry["inertia_greedy"]:.1f}',
-                             f'{entry["inertia_converged"] / entry["inertia_greedy"]:.4f}', '(info)', ''))
+                             f'{(entry["inertia_converged"] + 1e-9) / (entry["inertia_greedy"] + 1e-9):.4f}', '(info)', ''))
                 if entry['k'] == 128 and name.startswith('quality, planted'):
                     rows.append((f'kmeans time, {name[18:]}', f'{entry["ms_greedy"]:.1f} ms',
                                  f'rounds {entry["ms_rounds"]:.1f}',

@@ -576,10 +576,10 @@ def photometric(views, params):
         if after_hue:
             x = torch.where(on, shift_hue(x, h[:, 0, 0, 0]), x)
         for position in range(4):
-            op = order[:, position]
+            op, g = order[:, position], grey(x)
             factor = torch.where(op == 0, b, torch.where(op == 1, c, s))
-            base = torch.where(op == 0, torch.zeros_like(x[:, :1]),
-                               torch.where(op == 1, grey(x).mean((1, 2, 3), keepdim=True), grey(x)))
+            base = torch.where(op == 0, torch.zeros_like(g),
+                               torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), g))
             turn = (position > hue_at) if after_hue else (position < hue_at)
             x = torch.where(on & turn & (op != 3), (x * factor + base * (1 - factor)).clamp(0, 1), x)
     x = torch.where(params[:, 9].bool()[:, None, None, None], grey(x).expand_as(x), x)
@@ -668,16 +668,18 @@ class R2ODataset(Dataset):
         normalised tensor ('normalized')."""
         labels = self.cache.get(index) if self.cache is not None else None
         if labels is None:
-            if image is None:
-                image = self.load(index)
-            image = np.asarray(image.resize((self.image_size, self.image_size), Image.BICUBIC))
-            if self.slic_input == 'normalized':      # what the reference code feeds SLIC
-                image = (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-            labels = self.superpixel_map(image, self.n_segments, self.mask_size,
-                                         self.slic_compactness, self.slic_sigma)
+            labels = self.compute_superpixels(self.load(index) if image is None else image)
             if self.cache is not None:
                 self.cache.put(index, labels)
         return labels
+
+    def compute_superpixels(self, image):
+        """A PIL image's superpixels by the dataset's prior and settings, not cached."""
+        image = np.asarray(image.resize((self.image_size, self.image_size), Image.BICUBIC))
+        if self.slic_input == 'normalized':          # what the reference code feeds SLIC
+            image = (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        return self.superpixel_map(image, self.n_segments, self.mask_size,
+                                   self.slic_compactness, self.slic_sigma)
 
     def load_checked(self, index):
         """Load image `index`; if it is unreadable, take the next readable one and report it."""

@@ -678,7 +678,7 @@ def kmeans_seeds_in_rounds(x, k, generator=None, weight=None):
     half as many new centres as there already are from that same distribution (seeding_rounds):
     a few dozen kernel launches instead of thousands, and no greedy choice among candidates.
     Not the same numbers: after the Lloyd steps its inertia is within 2% of greedy k-means++'s
-    on real photos' features (a test holds a 2% margin on unstructured rows), but 20-70% higher
+    on unstructured rows (a test), 6% higher on the demo step's features at K=128 and 24% higher
     on well-separated planted clusters, where the greedy choice avoids two seeds in one cluster
     (bench.py, part 3). The m rows with the largest p / E, E ~ Exp(1), are m draws without
     replacement in proportion to p (an exponential race).
@@ -754,7 +754,7 @@ def batch_to_device(batch, device, channels_last=False):
     """A loader batch's tensors on `device`, copied without waiting (from pinned memory on CUDA),
     the views' colour augmentation done there (data.finish_on_device: uint8 crosses the bus).
     The batch's number of superpixel ids, `n_superpixels`, was counted by the loader (data.collate)."""
-    for name in BATCH_TENSORS + ('photometric',) * ('photometric' in batch):
+    for name in BATCH_TENSORS + (('photometric',) if 'photometric' in batch else ()):
         batch[name] = batch[name].to(device, non_blocking=True)
     batch = data.finish_on_device(batch)
     for name in BATCH_TENSORS:
@@ -1022,8 +1022,8 @@ def get_args_parser(add_help=True):
     g.add_argument('--kmeans-seeding', default='greedy', choices=sorted(SEEDINGS),
                    help='k-means\'s seeding: the reference\'s greedy k-means++ (r2o.kmeans_seeds: '
                         'K sequential steps), or D^2 draws in rounds (r2o.kmeans_seeds_in_rounds: '
-                        '12 rounds at K=128, 13x faster on a CPU at the paper\'s size; its inertia '
-                        'is within 2%% on real features but up to 70%% higher on well-separated '
+                        '12 rounds at K=128, a fifth of the tensor operations; its inertia is 6%% '
+                        'higher on the demo\'s features at K=128 and 24%% on well-separated '
                         'clusters: bench.py, part 3)')
     g.add_argument('--cluster-batch', type=int, default=None,
                    help='k-means over each group of this many images on its own, and the loss the '
@@ -1276,10 +1276,9 @@ def cache_line(dataset, workers, world, sample=1000):
     share = dataset.cache.filled(np.unique(rows)) / len(np.unique(rows))
     if share == 1:
         return f'superpixel cache: full ({dataset.cache.path})'
-    index, image, _ = dataset.load_checked(int(rows[0]))
+    _, image, _ = dataset.load_checked(int(rows[0]))
     start = time.process_time()
-    dataset.superpixel_map(np.asarray(image.resize((dataset.image_size,) * 2)), dataset.n_segments,
-                           dataset.mask_size, dataset.slic_compactness, dataset.slic_sigma)
+    dataset.compute_superpixels(image)
     core_s = (time.process_time() - start) * (1 - share) * len(dataset)
     wall = fmt_time(core_s / max(1, workers * world))
     return (f'superpixel cache: {100 * share:.0f}% filled ({dataset.cache.path}): the first epoch '

@@ -11,8 +11,10 @@ processes kept busy, and warns when that is not about zero.
 
 1. loader work per worker, in this process on one thread (a worker = dataset[(epoch, i)] in a
    loop): SLIC at the training size for every sample (the reference's way) vs. cached
-   superpixels on a second epoch (ours) vs. no superpixels at all. Real decode: generated
-   scenes saved as JPEG, ImageFolderDataset at 224 with 100 superpixels, as on ImageNet.
+   superpixels on a second epoch (ours) vs. the same with --resample pillow vs. no superpixels
+   at all vs. torchvision's BYOL two-view pipeline. Real decode: generated scenes saved as JPEG
+   (or, with --loader-photos FOLDER, that folder's first photos), ImageFolderDataset at 224
+   with 100 superpixels, as on ImageNet.
 2. one training step (r2o.step_loss, backward, r2o.step_update: what r2o.train_one_epoch does
    per batch): R2O with K=128 and K=4 vs. the same model and batch with K=1 (BYOL); K=128 again
    with the empty rows computed the other device's way, and with --deterministic. CPU: resnet18,
@@ -36,6 +38,11 @@ processes kept busy, and warns when that is not about zero.
    K=128 and K=4 vs. BYOL (K=1) with the same ViT and batch. CPU: 64 px, batch 32, 24
    superpixels; GPU: 224 px, batch 32, 100 superpixels, bf16 autocast.
     python bench.py --parts vit
+11. resizing a view's crop box to 224 px on one thread, boxes drawn as the loader draws them on
+   400 px generated scenes and on noise: torch's uint8 kernel (--resample torch, the default)
+   vs. Pillow (--resample pillow); how far torch's is from Pillow's two passes (horizontal, then
+   vertical, as Pillow ran them before 13), and how often the installed Pillow's own resize
+   differs from those two passes.
 """
 import argparse
 import json
@@ -52,6 +59,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
+import PIL
 import skimage
 import torch
 import torch.nn.functional as F
@@ -89,17 +97,21 @@ def get_args_parser():
     p.add_argument('--quick', action='store_true', help='tiny sizes, for a smoke test (figures mean little)')
     p.add_argument('--json', default=None, help='save every figure to this file')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--parts', default='loader,step,kmeans,memory,masks,loop,batches,flops,blur',
+    p.add_argument('--parts', default='loader,step,kmeans,memory,masks,loop,batches,flops,blur,resample',
                    help='comma-separated subset of: loader, step, kmeans, memory, masks, loop, '
-                        'batches, flops, blur (all of these), vit (a ViT-S/16 step: not in the '
-                        'default)')
+                        'batches, flops, blur, resample (all of these), vit (a ViT-S/16 step: not '
+                        'in the default)')
     p.add_argument('--loader-images', type=int, default=None,
-                   help='JPEG scenes per loader pass (48; quick 3)')
+                   help='JPEG scenes (or --loader-photos) per loader pass (48; quick 3)')
+    p.add_argument('--loader-photos', default=None, metavar='FOLDER',
+                   help='time the loader part on the first --loader-images photos of this folder '
+                        '(e.g. ImageNet\'s train/) instead of generated JPEG scenes')
     p.add_argument('--loader-rounds', type=int, default=None,
                    help='interleaved passes per loader variant; the best one counts (2; quick 1)')
     p.add_argument('--mask-boxes', type=int, default=None, help='crop boxes for part 5 (200; quick 20)')
     p.add_argument('--blur-calls', type=int, default=None,
-                   help='blurred views per variant in part 9, the median counts (200; quick 20)')
+                   help='blurred views per variant in part 9, and boxes per image in part 11, the '
+                        'median counts (200; quick 20)')
     p.add_argument('--scene-size', type=int, default=400,
                    help='generated scene side in pixels, 400 (ImageNet photos are about 375x500)')
     p.add_argument('--steps', type=int, default=None,
@@ -214,6 +226,18 @@ def write_scenes(folder, n, size):
     return folder
 
 
+def photo_sample(folder, n, into):
+    """The first n images under `folder` (sorted, as the training script lists them), linked
+    into a folder of their own so that each loader variant reads just them."""
+    files, _ = data.find_images(folder)
+    if len(files) < n:
+        raise SystemExit(f'--loader-photos {folder}: {len(files)} images, --loader-images asks {n}')
+    into.mkdir(parents=True)
+    for i in range(n):
+        (into / f'{i:05d}{Path(files[i]).suffix}').symlink_to(Path(files[i]).resolve())
+    return into
+
+
 def loader_pass(dataset, epoch, n):
     """ms per sample for dataset[(epoch, i)], i < n: one loader worker's work."""
     start = time.perf_counter()
@@ -227,15 +251,18 @@ def bench_loader(scenes, cache_dir, n, rounds, device):
     reference = data.ImageFolderDataset(scenes, cache_dir=None, superpixel_map=r2o.superpixel_map, **common)
     cached = data.ImageFolderDataset(scenes, cache_dir=cache_dir, superpixel_map=r2o.superpixel_map,
                                     **common)
+    pillow = data.ImageFolderDataset(scenes, cache_dir=cache_dir, superpixel_map=r2o.superpixel_map,
+                                    resample='pillow', **common)
     no_superpixels = NoSuperpixelsDataset(scenes, superpixel_map=r2o.superpixel_map, **common)
     byol = TorchvisionBYOL(scenes)
     with single_thread():
         loader_pass(no_superpixels, 0, min(n, 2))                 # import and allocator warm-up
         first_epoch = loader_pass(cached, 0, n)                    # fills the cache
-        passes = dict(reference=[], cached=[], none=[], byol=[])
+        passes = dict(reference=[], cached=[], pillow=[], none=[], byol=[])
         for _ in range(rounds):                                    # interleaved: drift hits all
             passes['reference'].append(loader_pass(reference, 1, n))
             passes['cached'].append(loader_pass(cached, 1, n))
+            passes['pillow'].append(loader_pass(pillow, 1, n))
             passes['none'].append(loader_pass(no_superpixels, 1, n))
             passes['byol'].append(loader_pass(byol, 1, n))
     ms = {name: min(v) for name, v in passes.items()}              # noise only ever adds time
@@ -247,6 +274,7 @@ def bench_loader(scenes, cache_dir, n, rounds, device):
     return dict(images=n, rounds=rounds, image_size=224, n_segments=100,
                 ms_per_sample_reference=ms['reference'], ms_per_sample_cached=ms['cached'],
                 ms_per_sample_no_superpixels=ms['none'], ms_per_sample_first_epoch=first_epoch,
+                ms_per_sample_cached_pillow_resampling=ms['pillow'],
                 all_passes_ms=passes,
                 ms_per_sample_torchvision_byol=ms['byol'],
                 photometric_ms_per_batch_of_32=photometric_ms, photometric_device=str(device),
@@ -854,6 +882,48 @@ def bench_blur(calls, scene_size):
                 separable_vs_kernel2d_differing=differ / (calls * 224 * 224 * 3))
 
 
+# ================================ part 11: resampling ================================
+
+def bench_resample(boxes, scene_size):
+    """ms per 224 px view from a crop box, on one thread, torch's kernel and Pillow's interleaved
+    box by box (median); the largest difference between torch's and Pillow's two passes run one
+    after the other (horizontal first), and how many boxes the installed Pillow's own resize
+    computes otherwise (Pillow 13 runs the vertical pass first where it judges it cheaper)."""
+    rng = random.Random(0)
+    images = {'scenes': Image.fromarray(data.synthetic_scene(0, scene_size)[0]),
+              'noise': Image.fromarray(np.random.default_rng(0).integers(
+                  0, 256, (scene_size, scene_size, 3), dtype=np.uint8))}
+    times = dict(torch=[], pillow=[])
+    out = {}
+    with single_thread():
+        for kind, img in images.items():
+            pixels = data.pixels_of(img, 'torch')
+            worst, off, pillow_moved, pillow_moved_by = 0, 0, 0, 0
+            for _ in range(boxes):
+                left, top, w, h = box = data.random_crop_box(rng, *img.size)
+                start = time.perf_counter()
+                ours = data.resized_crop(pixels, box, 224)
+                times['torch'].append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                own = data.resized_crop(img, box, 224)
+                times['pillow'].append((time.perf_counter() - start) * 1000)
+                crop = img.crop((left, top, left + w, top + h))
+                two_passes = torch.from_numpy(np.array(crop.resize((224, h), Image.BICUBIC).resize(
+                    (224, 224), Image.BICUBIC))).permute(2, 0, 1).int()
+                diff = (ours.int() - two_passes).abs()
+                worst, off = max(worst, int(diff.max())), off + int((diff > 0).sum())
+                moved = int((own.int() - two_passes).abs().max())
+                pillow_moved += moved > 0
+                pillow_moved_by = max(pillow_moved_by, moved)
+            out[kind] = dict(torch_vs_two_passes_max=worst,
+                             torch_vs_two_passes_differing=off / (boxes * 3 * 224 * 224),
+                             pillow_own_differs_in_boxes=pillow_moved / boxes,
+                             pillow_own_vs_two_passes_max=pillow_moved_by)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    return dict(boxes=boxes, scene_size=scene_size, pillow=PIL.__version__, ms_torch=ms['torch'],
+                ms_pillow=ms['pillow'], pillow_over_torch=ms['pillow'] / ms['torch'], **out)
+
+
 # ================================ report ================================
 
 def variant_name(k, gpu):
@@ -1005,6 +1075,17 @@ def summary_rows(res):
         rows.append(('blur: separable vs 2-D kernel, largest pixel difference',
                      f'{G["separable_vs_kernel2d_max_diff"]} grey level', '',
                      f'{100 * G["separable_vs_kernel2d_differing"]:.4f}% of values differ', '(info)', ''))
+    if 'resample' in res:
+        R = res['resample']
+        rows.append(('resize of a crop box to 224 px, 1 thread: torch\'s uint8 kernel',
+                     f'{R["ms_torch"]:.2f} ms', f'Pillow {R["ms_pillow"]:.2f}',
+                     f'{R["pillow_over_torch"]:.1f}x faster', '(info)', ''))
+        for kind in ('scenes', 'noise'):
+            K = R[kind]
+            rows.append((f'resize, {kind}: torch vs Pillow\'s two passes, largest difference',
+                         f'{K["torch_vs_two_passes_max"]} grey levels', '',
+                         f'{100 * K["torch_vs_two_passes_differing"]:.2f}% of values differ',
+                         '<= 2', verdict(K['torch_vs_two_passes_max'] <= 2)))
     return rows
 
 
@@ -1027,11 +1108,13 @@ def print_details(res):
           f'{m["load_average_at_start"][0]}, {m["load_average_at_end"][0]})')
     if 'loader' in res:
         L = res['loader']
-        print(f'\n1. loader, one worker (1 thread), {L["images"]} JPEG scenes, 224 px, 100 superpixels, '
+        print(f'\n1. loader, one worker (1 thread), {L["images"]} {L["photos"]}, 224 px, 100 superpixels, '
               f'best of {L["rounds"]} interleaved passes, ms/sample:\n'
               f'   SLIC every sample (reference) {L["ms_per_sample_reference"]:.1f} | cached, epoch 2 (ours) '
               f'{L["ms_per_sample_cached"]:.1f} | no superpixels {L["ms_per_sample_no_superpixels"]:.1f} | '
-              f'cached, epoch 1 (fills the cache) {L["ms_per_sample_first_epoch"]:.1f}\n'
+              f'cached, epoch 1 (fills the cache) {L["ms_per_sample_first_epoch"]:.1f} | '
+              f'cached with --resample pillow {L["ms_per_sample_cached_pillow_resampling"]:.1f} | '
+              f'torchvision BYOL two views {L["ms_per_sample_torchvision_byol"]:.1f}\n'
               f'   SLIC share of the reference\'s sample: '
               f'{L["ms_per_sample_reference"] - L["ms_per_sample_no_superpixels"]:.1f} ms')
     if 'step' in res:
@@ -1122,6 +1205,19 @@ def print_details(res):
               f'(torchvision) {G["ms_kernel2d"]:.1f}\n'
               f'   separable vs 2-D: at most {G["separable_vs_kernel2d_max_diff"]} grey level apart, '
               f'{100 * G["separable_vs_kernel2d_differing"]:.4f}% of the values differ')
+    if 'resample' in res:
+        R = res['resample']
+        print(f'\n11. resize of a crop box to 224 px, one thread, {R["boxes"]} boxes per image drawn as the loader '
+              f'draws them on a {R["scene_size"]} px scene and on noise, median ms: torch\'s uint8 kernel '
+              f'(--resample torch) {R["ms_torch"]:.2f} | Pillow {R["pillow"]} (--resample pillow) '
+              f'{R["ms_pillow"]:.2f}')
+        for kind in ('scenes', 'noise'):
+            K = R[kind]
+            print(f'   {kind}: torch vs Pillow\'s two passes (horizontal first): at most '
+                  f'{K["torch_vs_two_passes_max"]} grey levels, {100 * K["torch_vs_two_passes_differing"]:.2f}% '
+                  f'of values differ; Pillow {R["pillow"]}\'s own resize differs from those passes in '
+                  f'{100 * K["pillow_own_differs_in_boxes"]:.0f}% of the boxes, by up to '
+                  f'{K["pillow_own_vs_two_passes_max"]} grey levels')
     if 'vit' in res:
         V = res['vit']
         c = V['config']
@@ -1142,7 +1238,7 @@ def main(args):
         return memory_child(args.memory_child, args.quick, device, args.kmeans_iters)
     parts = set(args.parts.split(','))
     unknown = parts - {'loader', 'step', 'kmeans', 'memory', 'masks', 'loop', 'batches', 'flops',
-                       'blur', 'vit'}
+                       'blur', 'resample', 'vit'}
     if unknown:
         raise SystemExit(f'--parts: unknown {", ".join(sorted(unknown))}')
     if parts & {'kmeans', 'memory', 'loop'}:
@@ -1166,15 +1262,20 @@ def main(args):
 
     with tempfile.TemporaryDirectory(prefix='r2o-bench-') as tmp:
         tmp = Path(tmp)
-        if parts & {'loader', 'loop'}:
+        scene_parts = {'loop'} | ({'loader'} if args.loader_photos is None else set())
+        if parts & scene_parts:
             begin('0. writing scenes')
             scenes = write_scenes(tmp / 'scenes', max(n_loader if 'loader' in parts else 0,
                                                       8 if 'loop' in parts else 0), args.scene_size)
             end('0. writing scenes')
         if 'loader' in parts:
             begin('1. loader')
-            res['loader'] = bench_loader(scenes, tmp / 'cache', n_loader, pick(args.loader_rounds, 2, 1),
+            photos = scenes if args.loader_photos is None else photo_sample(args.loader_photos, n_loader,
+                                                                             tmp / 'photos')
+            res['loader'] = bench_loader(photos, tmp / 'cache', n_loader, pick(args.loader_rounds, 2, 1),
                                          device)
+            res['loader']['photos'] = ('JPEG scenes' if args.loader_photos is None else
+                                       f'photos from {args.loader_photos}')
             end('1. loader')
         if 'step' in parts:
             begin('2. training step')
@@ -1219,6 +1320,10 @@ def main(args):
             begin('9. blur')
             res['blur'] = bench_blur(pick(args.blur_calls, 200, 20), args.scene_size)
             end('9. blur')
+        if 'resample' in parts:
+            begin('11. resampling')
+            res['resample'] = bench_resample(pick(args.blur_calls, 200, 20), args.scene_size)
+            end('11. resampling')
         if 'vit' in parts:
             begin('10. ViT step')
             cfg = dict(VIT_QUICK if q else VIT_GPU if device.type == 'cuda' else VIT_CPU)

@@ -444,7 +444,9 @@ def color_augment(img, rng, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jit
 
 
 def normalize(img):
-    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+    """A PIL image or 3 x H x W uint8 tensor as an ImageNet-normalised float tensor."""
+    x = img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
+    return TF.normalize(x.float().div(255), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def denormalize(x):
@@ -454,28 +456,60 @@ def denormalize(x):
     return ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0), blur='gaussian', on_device=False):
-    """Two augmented views of a PIL image, their boxes (normalised x0, y0, x1, y1) and flips.
+RESAMPLE = ('torch', 'pillow')
 
+
+def pixels_of(img, resample):
+    """What `resized_crop` resamples: a PIL image's 3 x H x W uint8 tensor (resample 'torch')
+    or the image itself ('pillow')."""
+    return TF.pil_to_tensor(img) if resample == 'torch' else img
+
+
+def image_size(img):
+    """(width, height) of a PIL image or a 3 x H x W tensor."""
+    return img.size if isinstance(img, Image.Image) else (img.shape[2], img.shape[1])
+
+
+def resized_crop(pixels, box, size):
+    """The box (left, top, w, h) of an image resized to size x size: 3 x size x size uint8,
+    bicubic and antialiased. A 3 x H x W uint8 tensor goes through torch's uint8 kernel, which
+    follows Pillow's two passes to 2 grey levels (about 0.5% of the values differ) at 3.5 times
+    Pillow's speed on one core (bench.py --parts resample); a PIL image goes through Pillow, as
+    torchvision's RandomResizedCrop and the reference do."""
+    left, top, w, h = box
+    if isinstance(pixels, Image.Image):
+        return TF.pil_to_tensor(TF.resized_crop(pixels, top, left, h, w, [size, size], BICUBIC,
+                                                antialias=True))
+    crop = pixels[None, :, top:top + h, left:left + w]
+    return F.interpolate(crop, (size, size), mode='bicubic', antialias=True)[0].contiguous()
+
+
+def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0), blur='gaussian', on_device=False):
+    """Two augmented views of an image, their boxes (normalised x0, y0, x1, y1) and flips.
+
+    img: a PIL image, resampled by Pillow, or its 3 x H x W uint8 tensor (`pixels_of`),
+    resampled by torch (see `resized_crop`).
     View 1 is always blurred and never solarised; view 2 is blurred with p=0.1 and solarised
-    with p=0.2 (BYOL's asymmetric pair). on_device: the views stop after the crop and flip, as
-    3 x S x S uint8, and their colour augmentation comes back as parameters (2 x PARAMS, drawn
-    from rng exactly as color_augment draws them) for `photometric` to apply on the training
-    device; the views are then (views, boxes, flips, params). Otherwise the views are finished
-    here (colour augmentation by color_augment, normalised) and params is None.
+    with p=0.2 (BYOL's asymmetric pair). on_device:
+    the views stop after the crop and flip, as 3 x S x S uint8, and their colour augmentation
+    comes back as parameters (2 x PARAMS, drawn from rng exactly as color_augment draws them)
+    for `photometric` to apply on the training device; the views are then (views, boxes, flips,
+    params). Otherwise the views are finished here (colour augmentation by color_augment,
+    normalised) and params is None.
     """
     views, boxes, flips, params = [], [], [], []
-    width, height = img.size
+    width, height = image_size(img)
     for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
         left, top, w, h = random_crop_box(rng, width, height, scale)
-        view = TF.resized_crop(img, top, left, h, w, [size, size], BICUBIC, antialias=True)
+        view = resized_crop(img, (left, top, w, h), size)
         flip = rng.random() < flip_p
         if flip:
-            view = TF.hflip(view)
+            view = view.flip(-1)
         if on_device:
-            views.append(TF.pil_to_tensor(view))
+            views.append(view)
             params.append(draw_photometric(rng, blur_p, solarize_p))
         else:
+            view = Image.fromarray(view.permute(1, 2, 0).numpy())
             views.append(normalize(color_augment(view, rng, blur_p, solarize_p, blur=blur)))
         boxes.append((left / width, top / height, (left + w) / width, (top + h) / height))
         flips.append(flip)
@@ -621,7 +655,8 @@ class R2ODataset(Dataset):
 
     def __init__(self, superpixel_map, image_size=224, n_segments=100, slic_compactness=10.0,
                  slic_sigma=0.0, slic_input='rgb', flip_p=0.5, cache_dir=None, seed=0,
-                 crop_scale=(0.08, 1.0), blur='gaussian', photometric_on='device'):
+                 crop_scale=(0.08, 1.0), blur='gaussian', photometric_on='device',
+                 resample='torch'):
         self.superpixel_map = superpixel_map       # R2O's prior: r2o.superpixel_map
         self.image_size = image_size
         self.mask_size = image_size // 4
@@ -638,6 +673,9 @@ class R2ODataset(Dataset):
             raise DataError(f'--blur {blur} is Pillow\'s, applied in the loader: add '
                             '--photometric-on loader')
         self.on_device = photometric_on == 'device'
+        if resample not in RESAMPLE:
+            raise ValueError(f'resample {resample!r}: expected one of {RESAMPLE}')
+        self.resample = resample          # the views' and raw view's resizing: see resized_crop
         self.seed = seed
         self.cache = None
         if cache_dir is not None:
@@ -699,10 +737,12 @@ class R2ODataset(Dataset):
         epoch, index = item
         index, img, bad = self.load_checked(index)
         rng = random.Random(f'{self.seed}-{epoch}-{index}')
-        views, boxes, flips, params = two_views(img, self.image_size, rng, self.flip_p,
+        pixels = pixels_of(img, self.resample)
+        views, boxes, flips, params = two_views(pixels, self.image_size, rng, self.flip_p,
                                                 self.crop_scale, self.blur, self.on_device)
-        raw = img.resize((self.image_size, self.image_size), Image.BICUBIC)
-        raw = TF.pil_to_tensor(raw) if self.on_device else normalize(raw)
+        raw = resized_crop(pixels, (0, 0) + img.size, self.image_size)
+        if not self.on_device:
+            raw = normalize(raw)
         superpixels = self.superpixels(index, img)
         sample = dict(view1=views[0], view2=views[1], raw=raw,
                       superpixels=torch.from_numpy(superpixels), boxes=boxes, flips=flips,

@@ -1386,8 +1386,8 @@ def test_the_file_list_is_one_buffer_that_gives_back_every_path(tmp_path):
         files[4]
 
 
-def listing_rank(rank, store_path, cases, out):
-    torch.distributed.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank,
+def listing_rank(rank, port, cases, out):
+    torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                                          world_size=2)
     if rank > 0:                                   # a scan on this rank leaves a mark
         data.find_images = lambda root: Path(f'{out}.scanned-by-{rank}').touch()
@@ -1398,7 +1398,9 @@ def listing_rank(rank, store_path, cases, out):
         except data.DataError as e:
             results.append(('error', str(e)))
     torch.save(results, f'{out}.{rank}')
-    torch.distributed.destroy_process_group()
+    # both ranks wait here and leave the group to process exit: torch 2.1's destroy_process_group
+    # hung in about 1 run of 10 in this test (gloo, either store)
+    torch.distributed.barrier()
 
 
 def test_the_image_list_is_scanned_once_per_job_and_sent_to_every_rank(tmp_path):
@@ -1410,8 +1412,7 @@ def test_the_image_list_is_scanned_once_per_job_and_sent_to_every_rank(tmp_path)
         Image.new('RGB', (4, 4)).save(root / name)
     absent = str(tmp_path / 'absent')
     cases = [(str(root), str(root)), (absent, absent)]
-    torch.multiprocessing.spawn(listing_rank, (str(tmp_path / 'store'), cases, str(tmp_path / 'out')),
-                                nprocs=2)
+    torch.multiprocessing.spawn(listing_rank, (free_port(), cases, str(tmp_path / 'out')), nprocs=2)
     expected = [('files', [str(root / 'n01/0.png'), str(root / 'n02/1.png')]),
                 ('error', f'--data {absent}: no such folder')]
     for rank in (0, 1):

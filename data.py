@@ -465,7 +465,7 @@ def pixels_of(img, resample):
     return TF.pil_to_tensor(img) if resample == 'torch' else img
 
 
-def image_size(img):
+def width_height(img):
     """(width, height) of a PIL image or a 3 x H x W tensor."""
     return img.size if isinstance(img, Image.Image) else (img.shape[2], img.shape[1])
 
@@ -488,17 +488,17 @@ def two_views(img, size, rng, flip_p=0.5, scale=(0.08, 1.0), blur='gaussian', on
     """Two augmented views of an image, their boxes (normalised x0, y0, x1, y1) and flips.
 
     img: a PIL image, resampled by Pillow, or its 3 x H x W uint8 tensor (`pixels_of`),
-    resampled by torch (see `resized_crop`).
-    View 1 is always blurred and never solarised; view 2 is blurred with p=0.1 and solarised
-    with p=0.2 (BYOL's asymmetric pair). on_device:
-    the views stop after the crop and flip, as 3 x S x S uint8, and their colour augmentation
-    comes back as parameters (2 x PARAMS, drawn from rng exactly as color_augment draws them)
-    for `photometric` to apply on the training device; the views are then (views, boxes, flips,
-    params). Otherwise the views are finished here (colour augmentation by color_augment,
-    normalised) and params is None.
+    resampled by torch (see `resized_crop`). View 1 is always blurred and never solarised;
+    view 2 is blurred with p=0.1 and solarised with p=0.2 (BYOL's asymmetric pair).
+
+    on_device: the views stop after the crop and flip, as 3 x S x S uint8, and their colour
+    augmentation comes back as parameters (2 x PARAMS, drawn from rng exactly as color_augment
+    draws them) for `photometric` to apply on the training device; the views are then (views,
+    boxes, flips, params). Otherwise the views are finished here (colour augmentation by
+    color_augment, normalised) and params is None.
     """
     views, boxes, flips, params = [], [], [], []
-    width, height = image_size(img)
+    width, height = width_height(img)
     for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
         left, top, w, h = random_crop_box(rng, width, height, scale)
         view = resized_crop(img, (left, top, w, h), size)
